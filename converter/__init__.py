@@ -1,0 +1,1 @@
+"""obd-autoconvert conversion engine: overlaybd formats, native ext4 builder, registry client, CLI."""

@@ -1,0 +1,1 @@
+"""Native ext4 filesystem builder: mkfs and OCI layer apply."""

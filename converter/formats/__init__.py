@@ -1,0 +1,1 @@
+"""overlaybd container formats: LSMT layer blobs, ZFile compression, tar wrapper."""

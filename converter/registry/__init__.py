@@ -1,0 +1,1 @@
+"""Client for the OCI distribution API (pull and push of manifests and blobs)."""

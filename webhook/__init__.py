@@ -1,0 +1,1 @@
+"""obd-autoconvert webhook service: registry notifications in, conversion jobs out."""
