@@ -1,0 +1,201 @@
+"""`obd-webhook`: run the service.
+
+  obd-webhook serve [--no-workers]   HTTP front end (gunicorn) + conversion workers, one command
+  obd-webhook worker                 conversion workers only (scale out / separate deployment)
+  obd-webhook snippets               print the registry configuration snippets again
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from webhook.config import Config, ConfigError, ensure_secret, load_config
+from webhook.logs import configure_logging
+
+log = logging.getLogger("webhook.cli")
+PR_SET_PDEATHSIG = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obd-webhook", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML configuration file (default: $OBD_WEBHOOK_CONFIG)")
+    common.add_argument("--data-dir", help="job store and secret directory (default: per-user data dir)")
+    serve = sub.add_parser("serve", parents=[common], help="front end and workers")
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:8080)")
+    serve.add_argument("--workers", type=int, help="conversion worker threads")
+    serve.add_argument("--no-workers", action="store_true", help="run only the HTTP front end")
+    worker = sub.add_parser("worker", parents=[common], help="conversion workers only")
+    worker.add_argument("--concurrency", type=int, help="worker threads (default: `workers` setting)")
+    snippets = sub.add_parser("snippets", parents=[common], help="print registry configuration snippets")
+    snippets.add_argument("--listen", help="HOST:PORT the registry should call")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """CLI flags as environment overrides, so child processes see the same configuration."""
+    env: dict[str, str] = {}
+    if args.config:
+        env["OBD_WEBHOOK_CONFIG"] = str(Path(args.config).resolve())
+    if args.data_dir:
+        env["OBD_WEBHOOK_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    if getattr(args, "listen", None):
+        env["OBD_WEBHOOK_LISTEN"] = args.listen
+    if getattr(args, "workers", None) is not None:
+        env["OBD_WEBHOOK_WORKERS"] = str(args.workers)
+    return env
+
+
+def snippets_text(config: Config, secret: str) -> str:
+    base = f"http://{config.listen}"
+    return f"""\
+Webhook secret (stored in {config.secret_file}; shown only now):
+
+    {secret}
+
+Docker Distribution / GitLab registry, config.yml:
+
+notifications:
+  events:
+    includereferences: true
+  endpoints:
+    - name: obd-autoconvert
+      url: {base}/hooks/distribution
+      headers:
+        Authorization: [Bearer {secret}]
+      timeout: 1s
+      threshold: 5
+      backoff: 1s
+      ignoredmediatypes: [application/octet-stream]   # needed on 2.8.x for the action filter to apply
+      ignore:
+        actions: [pull, mount, delete]
+
+Harbor (project > Webhooks > New webhook, or the API):
+
+  Endpoint URL: {base}/hooks/harbor      Auth header: Bearer {secret}
+  Event type: Artifact pushed            Payload format: Default or CloudEvents
+
+  curl -u admin -H 'Content-Type: application/json' -X POST \\
+    https://<harbor>/api/v2.0/projects/<project>/webhook/policies \\
+    -d '{{"name": "obd-autoconvert", "enabled": true, "event_types": ["PUSH_ARTIFACT"],
+         "targets": [{{"type": "http", "address": "{base}/hooks/harbor",
+                      "auth_header": "Bearer {secret}", "payload_format": "Default"}}]}}'
+"""
+
+
+def _set_pdeathsig() -> None:
+    """Children get SIGTERM if `serve` dies (even by kill -9), so nothing is left orphaned."""
+    # Not Linux/glibc: children then outlive a killed parent, as with any supervisor.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, preexec_fn=_set_pdeathsig)
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    config = load_config(env={**os.environ, **overrides})
+    configure_logging(config.log_format, config.log_level)
+    config, new_secret = ensure_secret(config)
+    from webhook.store import JobStore  # create the schema once, before the children race to
+
+    JobStore(config.db_path, synchronous=config.sqlite_synchronous).close()
+    if new_secret is not None:
+        print(snippets_text(config, new_secret), flush=True)
+    env = {**os.environ, **overrides}
+    gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:webhook.gunicorn_settings"]
+    children = {"http": _spawn(gunicorn, env)}
+    with_workers = not args.no_workers and config.workers > 0
+    if with_workers:
+        children["worker"] = _spawn([sys.executable, "-m", "webhook.cli", "worker"], env)
+    log.info("obd-webhook serving", extra={"listen": config.listen, "data_dir": str(config.data_dir),
+                                           "workers": config.workers if with_workers else 0})
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    exit_code = 0
+    while not stopping.wait(0.2):
+        crashed = {name: p.returncode for name, p in children.items() if p.poll() is not None}
+        if crashed:
+            log.error("a service process exited; stopping", extra={"exited": crashed})
+            exit_code = 1
+            break
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + config.shutdown_grace_seconds + 10
+    for proc in children.values():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.info("obd-webhook stopped")
+    return exit_code
+
+
+def worker(args: argparse.Namespace) -> int:
+    config = load_config(env={**os.environ, **_overrides(args)})
+    configure_logging(config.log_format, config.log_level)
+    from webhook.conversion import load_convert_callable
+    from webhook.retry import RetryPolicy
+    from webhook.store import JobStore
+    from webhook.worker import WorkerPool, WorkerSettings
+
+    concurrency = args.concurrency if args.concurrency is not None else config.workers
+    pool = WorkerPool(JobStore(config.db_path, synchronous=config.sqlite_synchronous),
+                      load_convert_callable(config.convert_callable), RetryPolicy(config.retry),
+                      WorkerSettings.from_config(config), max(1, concurrency), config.registries)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    pool.start()
+    stop.wait()
+    log.info("shutting down workers", extra={"grace_seconds": config.shutdown_grace_seconds})
+    released = pool.stop()
+    log.info("workers stopped", extra={"requeued": released})
+    # Threads still converting after the grace period are abandoned; their jobs were handed back.
+    os._exit(0)
+
+
+def snippets(args: argparse.Namespace) -> int:
+    config = load_config(env={**os.environ, **_overrides(args)})
+    config, _ = ensure_secret(config)
+    print(snippets_text(config, config.secrets[0]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "worker":
+            return worker(args)
+        return snippets(args)
+    except ConfigError as exc:
+        print(f"obd-webhook: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

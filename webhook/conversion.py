@@ -1,0 +1,87 @@
+"""The conversion hook: what a worker calls for one job.
+
+A worker only knows the `ConvertFn` signature. The default implementation hands the job to the
+conversion engine (`converter.pipeline.convert`), imported lazily so the HTTP front end never loads it;
+tests and deployments can name another callable with the `convert_callable` setting ("module:function").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from converter.errors import PermanentError
+from webhook.config import RegistrySettings
+
+
+@dataclass(frozen=True)
+class ConversionRequest:
+    """One conversion to perform: the pushed image (pinned by digest) and the tag to publish."""
+
+    job_id: str
+    registry: str
+    repository: str
+    tag: str
+    digest: str
+    target_tag: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    registry_settings: RegistrySettings | None = field(default=None, repr=False)
+    attempt: int = 1
+
+    @property
+    def source_ref(self) -> str:
+        # Pinned to the pushed digest: if the tag moved meanwhile, a newer job exists and supersedes
+        # or follows this one, and `<tag>_obd` still ends up matching the newest push.
+        return f"{self.registry}/{self.repository}@{self.digest}"
+
+    @property
+    def target_ref(self) -> str:
+        return f"{self.registry}/{self.repository}:{self.target_tag}"
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    target_ref: str
+    target_digest: str | None = None
+    bytes_written: int = 0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+ConvertFn = Callable[[ConversionRequest], ConversionResult]
+
+
+def default_convert(job: ConversionRequest) -> ConversionResult:
+    """Run `converter.pipeline.convert(source, target, options)` for the job.
+
+    Registry settings for the job's host (endpoint, credentials, insecure) are passed in the options
+    under "registry". The pipeline's result is read through `target_digest`/`digest` and
+    `bytes_written`/`bytes` attributes, whichever it has.
+    """
+    try:
+        pipeline = importlib.import_module("converter.pipeline")
+    except ImportError as exc:
+        raise PermanentError(f"conversion engine not available (converter.pipeline): {exc}") from exc
+    options: dict[str, Any] = dict(job.options)
+    if job.registry_settings is not None:
+        options["registry"] = dataclasses.asdict(job.registry_settings)
+    options_type = getattr(pipeline, "ConvertOptions", None)
+    converted = options_type(**options) if options_type else options
+    result = pipeline.convert(job.source_ref, job.target_ref, converted)
+    digest = getattr(result, "target_digest", None) or getattr(result, "digest", None)
+    written = getattr(result, "bytes_written", None) or getattr(result, "bytes", None) or 0
+    return ConversionResult(target_ref=job.target_ref, target_digest=digest, bytes_written=int(written))
+
+
+def load_convert_callable(spec: str) -> ConvertFn:
+    """Resolve "package.module:function" to the callable (a clear error if it does not exist)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"convert_callable: expected 'module:function', got {spec!r}")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"convert_callable: {spec!r} is not a callable")
+    return fn

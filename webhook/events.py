@@ -1,0 +1,221 @@
+"""Normalise registry notifications (Distribution, Harbor, zot) into `RegistryEvent`s.
+
+Formats are described in the reference document `registry-events.md`. Parsing is strict about the
+envelope (a body that is not the documented shape is a client error) and lenient per event: one odd
+event inside a valid envelope becomes a `malformed` event that is ignored, never an error, because a
+4xx answer would block Distribution's delivery queue forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+BLOB_MEDIA_TYPE = "application/octet-stream"
+DISTRIBUTION_MEDIA_TYPES = (
+    "application/vnd.docker.distribution.events.v1+json",
+    "application/vnd.docker.distribution.events.v2+json",
+)
+CLOUDEVENTS_MEDIA_TYPE = "application/cloudevents+json"
+HARBOR_PUSH_TYPES = {"PUSH_ARTIFACT": "push", "PULL_ARTIFACT": "pull", "DELETE_ARTIFACT": "delete"}
+HARBOR_CLOUDEVENT_TYPES = {
+    "harbor.artifact.pushed": "push",
+    "harbor.artifact.pulled": "pull",
+    "harbor.artifact.deleted": "delete",
+}
+ZOT_CLOUDEVENT_TYPES = {"zotregistry.image.updated": "push", "zotregistry.image.deleted": "delete"}
+
+
+class PayloadError(ValueError):
+    """The request body is not a notification of the expected format (answered with 400)."""
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One registry event, whatever format it arrived in."""
+
+    source: str  # distribution | harbor | zot | api
+    event_id: str
+    action: str  # push | pull | mount | delete | <other, lower-case>
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+    media_type: str | None
+    actor: str | None = None
+    user_agent: str | None = None
+    artifact_type: str | None = None
+    references: tuple[Mapping[str, Any], ...] = field(default=(), repr=False)
+    malformed: str | None = None  # why the event could not be read, if it could not
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError(f"body is not valid JSON: {exc}") from exc
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _malformed(source: str, event_id: str, why: str) -> RegistryEvent:
+    return RegistryEvent(source, event_id, "unknown", "", "", None, None, None, malformed=why)
+
+
+def _body_id(prefix: str, payload: Any) -> str:
+    """A stable id for formats without one: retries of the same delivery resend the same body."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return f"{prefix}:{hashlib.sha256(canonical).hexdigest()[:32]}"
+
+
+def _host_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url if "://" in url else "//" + url)
+    return parts.netloc or None
+
+
+# --- Distribution --------------------------------------------------------------------------------
+
+
+def parse_distribution(payload: Any) -> list[RegistryEvent]:
+    """`{"events": [...]}` from Distribution 2.8 (v1+json) / 3.x (v2+json) or plain JSON."""
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("events"), list):
+        raise PayloadError('expected a JSON object with an "events" list (Distribution envelope)')
+    return [_distribution_event(raw, index) for index, raw in enumerate(payload["events"])]
+
+
+def _distribution_event(raw: Any, index: int) -> RegistryEvent:
+    if not isinstance(raw, Mapping):
+        return _malformed("distribution", f"distribution:index-{index}", f"events[{index}] is not an object")
+    event_id = _str(raw.get("id")) or _body_id("distribution", raw)
+    target = raw.get("target")
+    if not isinstance(target, Mapping):
+        return _malformed("distribution", event_id, f"events[{index}].target is missing or not an object")
+    repository = _str(target.get("repository"))
+    if repository is None:
+        return _malformed("distribution", event_id, f"events[{index}].target.repository is missing")
+    request = raw.get("request") if isinstance(raw.get("request"), Mapping) else {}
+    actor = raw.get("actor") if isinstance(raw.get("actor"), Mapping) else {}
+    source = raw.get("source") if isinstance(raw.get("source"), Mapping) else {}
+    # The Host the pushing client used is the name users know the registry by; the URL builder uses it
+    # too. source.addr (hostname:port of the node) is the last resort.
+    registry = (_str(request.get("host")) or _host_of(_str(target.get("url")))
+                or _str(source.get("addr")) or "")
+    references = target.get("references")
+    refs = tuple(r for r in references if isinstance(r, Mapping)) if isinstance(references, list) else ()
+    return RegistryEvent(
+        source="distribution",
+        event_id=event_id,
+        action=(_str(raw.get("action")) or "unknown").lower(),
+        registry=registry,
+        repository=repository,
+        tag=_str(target.get("tag")),
+        digest=_str(target.get("digest")),
+        media_type=_str(target.get("mediaType")),
+        actor=_str(actor.get("name")),
+        user_agent=_str(request.get("useragent")),
+        artifact_type=_str(target.get("artifactType")),
+        references=refs,
+    )
+
+
+# --- Harbor ---------------------------------------------------------------------------------------
+
+
+def parse_harbor(payload: Any, content_type: str = "") -> list[RegistryEvent]:
+    """Harbor webhook: "Default" (`type` + `event_data`) or CloudEvents (`specversion`) format."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError("expected a JSON object (Harbor webhook payload)")
+    if "specversion" in payload or content_type.startswith(CLOUDEVENTS_MEDIA_TYPE):
+        kind = _str(payload.get("type"))
+        if kind is None or not isinstance(payload.get("data"), Mapping | None):
+            raise PayloadError('CloudEvents payload needs a string "type" and an object "data"')
+        action = HARBOR_CLOUDEVENT_TYPES.get(kind, kind.lower())
+        event_id = _str(payload.get("id")) or _body_id("harbor", payload)
+        return _harbor_resources(payload.get("data") or {}, action, event_id, _str(payload.get("operator")))
+    kind = _str(payload.get("type"))
+    if kind is None or not isinstance(payload.get("event_data"), Mapping | None):
+        raise PayloadError('expected a Harbor payload with a string "type" and an object "event_data"')
+    action = HARBOR_PUSH_TYPES.get(kind, kind.lower())
+    return _harbor_resources(payload.get("event_data") or {}, action, _body_id("harbor", payload),
+                             _str(payload.get("operator")))
+
+
+def _harbor_resources(data: Mapping[str, Any], action: str, event_id: str,
+                      operator: str | None) -> list[RegistryEvent]:
+    resources = data.get("resources")
+    repo = data.get("repository") if isinstance(data.get("repository"), Mapping) else {}
+    if not isinstance(resources, list) or not resources:
+        # Quota, scan, replication and retention events carry no artifact; keep them so they are counted.
+        return [RegistryEvent("harbor", event_id, action, "", _str(repo.get("repo_full_name")) or "",
+                              None, None, None, actor=operator)]
+    events = []
+    for index, resource in enumerate(resources):
+        sub_id = event_id if len(resources) == 1 else f"{event_id}#{index}"
+        if not isinstance(resource, Mapping):
+            events.append(_malformed("harbor", sub_id, f"resources[{index}] is not an object"))
+            continue
+        full_name = _str(repo.get("repo_full_name"))
+        if full_name is None:
+            events.append(_malformed("harbor", sub_id, "repository.repo_full_name is missing"))
+            continue
+        url = _str(resource.get("resource_url")) or ""
+        # resource_url = "<ext host>/<repo_full_name>:<tag>" or "...@<digest>" (Harbor's external URL).
+        registry = url.split("/", 1)[0] if "/" in url else ""
+        events.append(RegistryEvent(
+            source="harbor",
+            event_id=sub_id,
+            action=action,
+            registry=registry,
+            repository=full_name,
+            tag=_str(resource.get("tag")),
+            digest=_str(resource.get("digest")),
+            media_type=None,  # Harbor does not say; the converter checks the manifest itself
+            actor=operator,
+        ))
+    return events
+
+
+# --- zot (and any CloudEvents source shaped like it) ---------------------------------------------
+
+
+def parse_generic(payload: Any, headers: Mapping[str, str], registry: str | None) -> list[RegistryEvent]:
+    """zot's `events` extension: CloudEvents in structured mode, or binary mode (`ce-*` headers).
+
+    zot does not name its own host in the event, so the registry comes from the `?registry=` query
+    parameter of the hook URL configured in zot.
+    """
+    if not isinstance(payload, Mapping):
+        raise PayloadError("expected a JSON object (CloudEvents payload)")
+    if "specversion" in payload:
+        kind, event_id, data = _str(payload.get("type")), _str(payload.get("id")), payload.get("data")
+    else:
+        kind, event_id, data = headers.get("ce-type"), headers.get("ce-id"), payload
+    if not kind or not isinstance(data, Mapping):
+        raise PayloadError("expected a CloudEvent with a type and an object data "
+                           "(ce-type header or specversion)")
+    if not registry:
+        raise PayloadError("the generic hook needs ?registry=<host[:port]> in its URL")
+    event_id = event_id or _body_id("generic", payload)
+    name, reference = _str(data.get("name")), _str(data.get("reference"))
+    if name is None:
+        return [_malformed("zot", event_id, "data.name is missing")]
+    digest = _str(data.get("digest"))
+    tag = reference if reference and reference != digest and not reference.startswith("sha256:") else None
+    return [RegistryEvent(
+        source="zot",
+        event_id=event_id,
+        action=ZOT_CLOUDEVENT_TYPES.get(kind, kind.lower()),
+        registry=registry,
+        repository=name,
+        tag=tag,
+        digest=digest,
+        media_type=_str(data.get("mediaType")),
+    )]
