@@ -49,10 +49,11 @@ class RetryPolicy:
         self._retry = tenacity.retry_if_exception(is_transient)
         self._stop = (tenacity.stop_after_attempt(settings.max_attempts)
                       | tenacity.stop_after_delay(settings.max_total_seconds))
-        self._wait = tenacity.wait_exponential_jitter(
-            initial=settings.initial_backoff_seconds, max=settings.max_backoff_seconds,
-            jitter=settings.jitter_seconds,
-        )
+        # Exponential from initial_backoff_seconds, capped, plus up to jitter_seconds of random delay
+        # so jobs that failed together (a registry outage) do not all come back at the same moment.
+        self._wait = (tenacity.wait_exponential(multiplier=settings.initial_backoff_seconds,
+                                                max=settings.max_backoff_seconds)
+                      + tenacity.wait_random(0, settings.jitter_seconds))
 
     def _state(self, error: BaseException, attempts: int, first_attempt_at: float, now: float
                ) -> tenacity.RetryCallState:
