@@ -1,0 +1,387 @@
+"""Apply one OCI layer tar to the in-memory filesystem, with OCI / containerd semantics.
+
+Rules (reference §4.5 and §9): names are cleaned like `Clean("/" + name)` so nothing escapes the root;
+parents that are symlinks are followed inside the image root (containerd's `fs.RootPath`); missing
+parents are created (0755, root, time 0); `.wh.<name>` removes a lower path and `.wh..wh..opq` hides
+every lower child of its directory, but neither touches what this same layer created; a new entry
+replaces an existing one of another type, while a re-declared directory keeps its children and takes
+the new metadata; a hardlink's target must exist already.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .fs import BlockSink, Ext4Error, Filesystem, Inode
+from .layout import (
+    BLOCK_SIZE,
+    EXT4_NAME_LEN,
+    FAST_SYMLINK_MAX,
+    ROOT_INO,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFREG,
+    Extent,
+)
+from .tarstream import (
+    BLOCKDEV,
+    CHARDEV,
+    DIRECTORY,
+    FIFO,
+    GNU_DUMPDIR,
+    HARDLINK,
+    SYMLINK,
+    TarEntry,
+    TarFormatError,
+    TarReader,
+    open_decompressed,
+)
+from .xattr import XattrError, split_name
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+MAX_SYMLINK_FOLLOWS = 255
+MAX_SYMLINK_TARGET = BLOCK_SIZE - 1
+DATA_CHUNK = 1 << 20  # file data is read and written in 1 MiB pieces (a multiple of the block size)
+
+
+class LayerApplyError(Exception):
+    """A layer could not be applied. The message names the layer and the tar entry."""
+
+    def __init__(self, layer: str, entry: str | None, problem: str) -> None:
+        where = f"layer {layer}" + (f", entry {entry!r}" if entry else "")
+        super().__init__(f"{where}: {problem}")
+        self.layer = layer
+        self.entry = entry
+        self.problem = problem
+
+
+@dataclass
+class LayerStats:
+    entries: int = 0
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    devices: int = 0
+    whiteouts: int = 0
+    data_bytes: int = 0  # file content bytes taken from the tar
+    warnings: list[str] = field(default_factory=list)
+
+
+def clean_path(name: bytes) -> list[bytes]:
+    """Components of Clean("/" + name): '.', empty parts and any '..' above the root are dropped."""
+    parts: list[bytes] = []
+    for comp in name.split(b"/"):
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(comp)
+    return parts
+
+
+class LayerApplier:
+    """Applies one layer. Create one per layer: it remembers which names this layer created."""
+
+    def __init__(self, fs: Filesystem, sink: BlockSink, label: str) -> None:
+        self.fs = fs
+        self.sink = sink
+        self.label = label
+        self.stats = LayerStats()
+        self._added: dict[int, set[bytes]] = {}  # directory inode -> names this layer created in it
+
+    def apply(self, stream: BinaryIO) -> LayerStats:
+        """Read the layer (gzip, zstd or plain tar), change the filesystem, write data and metadata."""
+        self.fs.reset_cursors()
+        reader: TarReader | None = None
+        try:
+            reader = TarReader(open_decompressed(stream))
+            for entry in reader:
+                self.stats.entries += 1
+                self._apply_entry(reader, entry)
+        except LayerApplyError:
+            raise
+        except (TarFormatError, Ext4Error, XattrError) as exc:
+            raise LayerApplyError(self.label, self._current_name(reader), str(exc)) from exc
+        except (OSError, EOFError, ValueError) as exc:
+            # Decompression errors (truncated or corrupt gzip/zstd) surface here.
+            problem = f"cannot read layer data: {exc.__class__.__name__}: {exc}"
+            raise LayerApplyError(self.label, self._current_name(reader), problem) from exc
+        self.fs.flush(self.sink)
+        return self.stats
+
+    @staticmethod
+    def _current_name(reader: TarReader | None) -> str | None:
+        return reader.current.display_name if reader is not None and reader.current is not None else None
+
+    # ------------------------------------------------------------------ entries
+
+    def _apply_entry(self, reader: TarReader, entry: TarEntry) -> None:
+        comps = clean_path(entry.name)
+        for comp in comps:
+            if len(comp) > EXT4_NAME_LEN:
+                raise LayerApplyError(
+                    self.label,
+                    entry.display_name,
+                    f"name component longer than {EXT4_NAME_LEN} bytes ({len(comp)})",
+                )
+        if not comps:
+            if entry.type in (DIRECTORY, GNU_DUMPDIR):
+                self._set_metadata(self.fs.inodes[ROOT_INO], entry)
+            return
+        base = comps[-1]
+        parent = self._resolve_dir(comps[:-1], entry)
+        if base.startswith(WHITEOUT_PREFIX):
+            self.stats.whiteouts += 1
+            if base == OPAQUE_MARKER:
+                self._clear_lower(parent)
+            elif not base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):  # other .wh..wh.* are meta files
+                self._whiteout(parent, base[len(WHITEOUT_PREFIX) :])
+            return
+
+        fs = self.fs
+        existing = fs.lookup(parent, base)
+        if entry.type in (DIRECTORY, GNU_DUMPDIR):
+            self.stats.directories += 1
+            if existing is not None and fs.inodes[existing].is_dir:
+                self._set_metadata(fs.inodes[existing], entry)
+            else:
+                if existing is not None:
+                    fs.remove(parent, base)
+                inode = fs.mkdir(parent, base, entry.mode & 0o7777)
+                self._set_metadata(inode, entry)
+        elif entry.type == HARDLINK:
+            self.stats.hardlinks += 1
+            target_ino = self._resolve_link_target(entry)
+            if existing != target_ino:
+                if existing is not None:
+                    fs.remove(parent, base)
+                fs.add_hardlink(parent, base, fs.inodes[target_ino])
+        else:
+            if existing is not None:
+                fs.remove(parent, base)
+            inode = self._create_node(reader, entry)
+            fs.link(parent, base, inode)
+        self._added.setdefault(parent, set()).add(base)
+
+    def _create_node(self, reader: TarReader, entry: TarEntry) -> Inode:
+        fs = self.fs
+        if entry.is_regular:
+            self.stats.files += 1
+            inode = fs.new_inode(S_IFREG | (entry.mode & 0o7777))
+            self._set_metadata(inode, entry)
+            if entry.sparse is not None:
+                self._write_sparse_data(reader, inode, entry)
+            else:
+                self._write_data(reader, inode, entry.size)
+            return inode
+        if entry.type == SYMLINK:
+            self.stats.symlinks += 1
+            target = entry.linkname
+            if not target or len(target) > MAX_SYMLINK_TARGET:
+                raise Ext4Error(f"symlink target must be 1..{MAX_SYMLINK_TARGET} bytes, got {len(target)}")
+            inode = fs.new_inode(S_IFLNK | 0o777)
+            self._set_metadata(inode, entry)
+            inode.target = target
+            inode.size = len(target)
+            if len(target) > FAST_SYMLINK_MAX:
+                (extent,) = fs.allocate_file_blocks(inode, 1)
+                self.sink.write(extent.physical * BLOCK_SIZE, target.ljust(BLOCK_SIZE, b"\0"))
+            return inode
+        if entry.type in (CHARDEV, BLOCKDEV, FIFO):
+            self.stats.devices += 1
+            kind = {CHARDEV: S_IFCHR, BLOCKDEV: S_IFBLK, FIFO: S_IFIFO}[entry.type]
+            inode = fs.new_inode(kind | (entry.mode & 0o7777))
+            self._set_metadata(inode, entry)
+            inode.rdev = (entry.devmajor, entry.devminor)
+            return inode
+        raise Ext4Error(f"unsupported tar entry type {entry.type!r}")
+
+    def _set_metadata(self, inode: Inode, entry: TarEntry) -> None:
+        if inode.kind != S_IFLNK:
+            inode.mode = (inode.mode & ~0o7777) | (entry.mode & 0o7777)
+        if entry.uid < 0 or entry.uid > 0xFFFFFFFF or entry.gid < 0 or entry.gid > 0xFFFFFFFF:
+            raise Ext4Error(f"uid/gid out of range: {entry.uid}/{entry.gid}")
+        inode.uid, inode.gid = entry.uid, entry.gid
+        inode.mtime, inode.mtime_ns = entry.mtime, entry.mtime_ns
+        xattrs = {}
+        for name, value in entry.xattrs.items():
+            try:
+                split_name(name)
+            except XattrError as exc:
+                self.stats.warnings.append(f"{entry.display_name}: {exc}; skipped")
+                log.warning("layer %s: %s: %s; skipped", self.label, entry.display_name, exc)
+                continue
+            xattrs[name] = value
+        inode.xattrs = xattrs
+        self.fs.touch(inode)
+
+    # ------------------------------------------------------------------ file data
+
+    def _write_data(self, reader: TarReader, inode: Inode, size: int) -> None:
+        inode.size = size
+        if not size:
+            return
+        extents = self.fs.allocate_file_blocks(inode, -(-size // BLOCK_SIZE))
+        remaining = size
+        for extent in extents:
+            offset = extent.physical * BLOCK_SIZE
+            room = extent.length * BLOCK_SIZE
+            while room and remaining:
+                n = min(room, DATA_CHUNK, remaining)
+                data = reader.read_exact(n)
+                if n % BLOCK_SIZE:
+                    data += bytes(-n % BLOCK_SIZE)
+                self.sink.write(offset, data)
+                offset += len(data)
+                room -= len(data)
+                remaining -= n
+        self.stats.data_bytes += size
+
+    def _write_sparse_data(self, reader: TarReader, inode: Inode, entry: TarEntry) -> None:
+        """GNU sparse file: allocate only the blocks its data segments touch; holes stay unmapped."""
+        segments = [(off, n) for off, n in entry.sparse or [] if n]
+        inode.size = entry.realsize
+        end_prev = 0
+        for off, n in segments:
+            if off < end_prev or off + n > entry.realsize:
+                raise Ext4Error(
+                    f"GNU sparse map is unsorted, overlapping or beyond the file size at offset {off}"
+                )
+            end_prev = off + n
+        if sum(n for _, n in segments) != entry.size:
+            raise Ext4Error(
+                f"GNU sparse map covers {sum(n for _, n in segments)} bytes but {entry.size} are stored"
+            )
+        # Block ranges covering the segments, merged where they touch.
+        ranges: list[list[int]] = []
+        for off, n in segments:
+            b0, b1 = off // BLOCK_SIZE, -(-(off + n) // BLOCK_SIZE)
+            if ranges and b0 <= ranges[-1][1]:
+                ranges[-1][1] = max(ranges[-1][1], b1)
+            else:
+                ranges.append([b0, b1])
+        seg_index, seg_pos = 0, segments[0][0] if segments else 0
+        window_blocks = DATA_CHUNK // BLOCK_SIZE
+        for b0, b1 in ranges:
+            extents = self.fs.allocate_file_blocks(inode, b1 - b0, logical=b0)
+            for w0 in range(b0, b1, window_blocks):
+                w1 = min(b1, w0 + window_blocks)
+                lo, hi = w0 * BLOCK_SIZE, w1 * BLOCK_SIZE
+                window = bytearray(hi - lo)
+                while seg_index < len(segments):
+                    off, n = segments[seg_index]
+                    seg_pos = max(seg_pos, off)
+                    if seg_pos >= hi:
+                        break
+                    take = min(off + n, hi) - seg_pos
+                    window[seg_pos - lo : seg_pos - lo + take] = reader.read_exact(take)
+                    seg_pos += take
+                    if seg_pos == off + n:
+                        seg_index += 1
+                    else:
+                        break
+                self._write_logical(extents, w0, window)
+        self.stats.data_bytes += entry.size
+
+    def _write_logical(self, extents: list[Extent], logical: int, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        for e in extents:
+            if e.logical + e.length <= logical or not view:
+                continue
+            skip = logical - e.logical
+            n = min(e.length - skip, len(view) // BLOCK_SIZE)
+            self.sink.write((e.physical + skip) * BLOCK_SIZE, view[: n * BLOCK_SIZE])
+            view = view[n * BLOCK_SIZE :]
+            logical += n
+
+    # ------------------------------------------------------------------ paths
+
+    def _resolve_dir(self, comps: list[bytes], entry: TarEntry, create: bool = True) -> int:
+        """Directory inode for parent components, following symlinks inside the root (fs.RootPath)."""
+        fs = self.fs
+        stack = [ROOT_INO]
+        pending = list(comps)
+        follows = 0
+        while pending:
+            name = pending.pop(0)
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            current = stack[-1]
+            child = fs.lookup(current, name)
+            if child is None:
+                if not create:
+                    raise Ext4Error(f"path component {name!r} does not exist")
+                inode = fs.mkdir(current, name, 0o755)
+                self._added.setdefault(current, set()).add(name)
+                stack.append(inode.ino)
+                continue
+            inode = fs.inodes[child]
+            if inode.kind == S_IFLNK:
+                follows += 1
+                if follows > MAX_SYMLINK_FOLLOWS:
+                    raise Ext4Error("too many levels of symbolic links in the parent path")
+                if inode.target.startswith(b"/"):
+                    stack = [ROOT_INO]
+                pending = inode.target.split(b"/") + pending
+                continue
+            if inode.kind != S_IFDIR:
+                raise Ext4Error(
+                    f"parent path component {name.decode('utf-8', 'backslashreplace')!r} is not a directory"
+                )
+            stack.append(child)
+        return stack[-1]
+
+    def _resolve_link_target(self, entry: TarEntry) -> int:
+        comps = clean_path(entry.linkname)
+        shown = entry.linkname.decode("utf-8", "backslashreplace")
+        if not comps:
+            raise Ext4Error(f"hardlink to the root directory ({shown!r})")
+        try:
+            parent = self._resolve_dir(comps[:-1], entry, create=False)
+        except Ext4Error:
+            parent = None
+        target = None if parent is None else self.fs.lookup(parent, comps[-1])
+        if target is None:
+            raise Ext4Error(f"hardlink target {shown!r} does not exist")
+        if self.fs.inodes[target].is_dir:
+            raise Ext4Error(f"hardlink target {shown!r} is a directory")
+        return target
+
+    # ------------------------------------------------------------------ whiteouts
+
+    def _whiteout(self, parent: int, name: bytes) -> None:
+        child = self.fs.lookup(parent, name)
+        if child is None:
+            return
+        if name in self._added.get(parent, ()):
+            # Created by this layer: the whiteout only hides what lies below it.
+            if self.fs.inodes[child].is_dir:
+                self._clear_lower(child)
+            return
+        self.fs.remove(parent, name)
+
+    def _clear_lower(self, dir_ino: int) -> None:
+        """Remove every child of a directory that this layer did not create (recursively for kept dirs)."""
+        keep = self._added.get(dir_ino, set())
+        children = self.fs.inodes[dir_ino].children
+        assert children is not None
+        for name, child in list(children.items()):
+            if name not in keep:
+                self.fs.remove(dir_ino, name)
+            elif self.fs.inodes[child].is_dir:
+                self._clear_lower(child)

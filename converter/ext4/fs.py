@@ -1,0 +1,803 @@
+"""An ext4 filesystem held in memory, written to a block sink one layer at a time.
+
+The model keeps what the layer-apply logic needs (inodes with their extents, directory children, the
+block and inode bitmaps) and encodes on-disk metadata only when a layer is flushed. File data is
+written to the sink as it is allocated, so a layer's blob holds its file contents first and the
+metadata blocks it changed (directories, extent trees, EA blocks, inode tables, bitmaps, group
+descriptors, superblock) after them — each written once per layer.
+
+Geometry (what `mkfs` builds): 4 KiB blocks, 32768 blocks and `size / 16384` inodes of 256 bytes spread
+over groups of 8192, flex_bg groups of 16 (bitmaps and inode tables packed at the start of each flex
+group), sparse_super backups, 5 % reserved blocks, no journal, no checksums, no resize inode.
+Everything is derived from the inputs: no clock, no random UUID, so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from . import xattr as xattrs_mod
+from .bitmap import Bitmap
+from .hashing import dx_hash, seed_words
+from .layout import (
+    BLOCK_SIZE,
+    COMPAT_DIR_INDEX,
+    COMPAT_EXT_ATTR,
+    DESC_SIZE,
+    DIRENT_HEADER,
+    DX_COUNT_LIMIT,
+    DX_ENTRY,
+    DX_HASH_HALF_MD4,
+    DX_NODE_LIMIT,
+    DX_ROOT_INFO,
+    DX_ROOT_LIMIT,
+    EXT4_EXTENTS_FL,
+    EXT4_INDEX_FL,
+    EXT4_LINK_MAX,
+    EXT_MAX_INIT_LEN,
+    EXTENTS_IN_INODE,
+    EXTENTS_PER_BLOCK,
+    FAST_SYMLINK_MAX,
+    FILE_TYPE_OF_MODE,
+    FIRST_INO,
+    FT_DIR,
+    INCOMPAT_64BIT,
+    INCOMPAT_EXTENTS,
+    INCOMPAT_FILETYPE,
+    INCOMPAT_FLEX_BG,
+    INODE_SIZE,
+    RO_COMPAT_DIR_NLINK,
+    RO_COMPAT_EXTRA_ISIZE,
+    RO_COMPAT_HUGE_FILE,
+    RO_COMPAT_LARGE_FILE,
+    RO_COMPAT_SPARSE_SUPER,
+    ROOT_INO,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    SUPERBLOCK_OFFSET,
+    Extent,
+    GroupDesc,
+    RawInode,
+    Superblock,
+    dirent_size,
+    encode_time,
+    pack_dirent,
+    pack_extent_index,
+    pack_extent_node,
+)
+
+BLOCKS_PER_GROUP = 32768
+INODE_RATIO = 16384
+RESERVED_PERCENT = 5
+LOG_GROUPS_PER_FLEX = 4
+INODES_PER_TABLE_BLOCK = BLOCK_SIZE // INODE_SIZE
+
+
+class Ext4Error(Exception):
+    """The filesystem cannot represent what was asked (bad name, missing parent, ...)."""
+
+
+class FilesystemFullError(Ext4Error):
+    """No free blocks or inodes are left: the virtual size is too small for the image."""
+
+
+class BlockSink(Protocol):
+    """Where blocks go: a layer blob writer, a raw disk file, ... Offsets and lengths are 4 KiB multiples."""
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+
+def _is_power_of(n: int, base: int) -> bool:
+    while n > 1 and n % base == 0:
+        n //= base
+    return n == 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    blocks_count: int
+    inodes_per_group: int
+    log_groups_per_flex: int = LOG_GROUPS_PER_FLEX
+
+    @classmethod
+    def for_size(cls, size_bytes: int) -> Geometry:
+        blocks = size_bytes // BLOCK_SIZE
+        groups = -(-blocks // BLOCKS_PER_GROUP)
+        if blocks < BLOCKS_PER_GROUP // 4:
+            raise Ext4Error(f"virtual size {size_bytes} bytes is too small for an ext4 filesystem")
+        inodes = blocks * BLOCK_SIZE // INODE_RATIO
+        per_group = -(-inodes // groups)
+        # Round up so that each group's inode table fills whole blocks (and bitmaps whole bytes).
+        per_group = min(-(-per_group // INODES_PER_TABLE_BLOCK) * INODES_PER_TABLE_BLOCK, BLOCKS_PER_GROUP)
+        return cls(blocks_count=blocks, inodes_per_group=per_group)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.blocks_count // BLOCKS_PER_GROUP)
+
+    @property
+    def inodes_count(self) -> int:
+        return self.groups * self.inodes_per_group
+
+    @property
+    def gdt_blocks(self) -> int:
+        return -(-self.groups * DESC_SIZE // BLOCK_SIZE)
+
+    @property
+    def inode_table_blocks(self) -> int:
+        return self.inodes_per_group * INODE_SIZE // BLOCK_SIZE
+
+    @property
+    def groups_per_flex(self) -> int:
+        return 1 << self.log_groups_per_flex
+
+    def group_start(self, group: int) -> int:
+        return group * BLOCKS_PER_GROUP
+
+    def group_blocks(self, group: int) -> int:
+        return min(BLOCKS_PER_GROUP, self.blocks_count - self.group_start(group))
+
+    def has_super(self, group: int) -> bool:
+        """sparse_super: backups only in groups 0, 1 and powers of 3, 5 and 7."""
+        return group <= 1 or _is_power_of(group, 3) or _is_power_of(group, 5) or _is_power_of(group, 7)
+
+    def super_blocks(self, group: int) -> int:
+        return 1 + self.gdt_blocks if self.has_super(group) else 0
+
+    def metadata(self, group: int) -> tuple[int, int, int]:
+        """(block bitmap, inode bitmap, inode table) of a group, packed per flex group."""
+        first = group - group % self.groups_per_flex
+        members = min(self.groups_per_flex, self.groups - first)
+        base = self.group_start(first) + self.super_blocks(first)
+        k = group - first
+        return base + k, base + members + k, base + 2 * members + k * self.inode_table_blocks
+
+    def flex_metadata_blocks(self, first_group: int) -> tuple[int, int]:
+        members = min(self.groups_per_flex, self.groups - first_group)
+        base = self.group_start(first_group) + self.super_blocks(first_group)
+        return base, members * (2 + self.inode_table_blocks)
+
+
+class Inode:
+    """One inode of the model. Directories carry their children; files their extents."""
+
+    __slots__ = (
+        "children",
+        "extents",
+        "flags",
+        "gid",
+        "i_block",
+        "ino",
+        "links",
+        "mode",
+        "mtime",
+        "mtime_ns",
+        "parent",
+        "rdev",
+        "size",
+        "target",
+        "tree_blocks",
+        "uid",
+        "xattr_area",
+        "xattr_block",
+        "xattrs",
+    )
+
+    def __init__(
+        self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0
+    ) -> None:
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.mtime = mtime
+        self.mtime_ns = mtime_ns
+        self.size = 0
+        self.links = 1
+        self.flags = 0
+        self.extents: list[Extent] = []
+        self.tree_blocks: list[int] = []
+        self.target = b""  # symlink target
+        self.rdev = (0, 0)  # device major, minor
+        self.xattrs: dict[str, bytes] = {}
+        self.xattr_block = 0
+        self.xattr_area = b""
+        self.i_block = bytes(60)
+        self.children: dict[bytes, int] | None = {} if mode & S_IFMT == S_IFDIR else None
+        self.parent = 0
+
+    @property
+    def kind(self) -> int:
+        return self.mode & S_IFMT
+
+    @property
+    def is_dir(self) -> bool:
+        return self.mode & S_IFMT == S_IFDIR
+
+    @property
+    def uses_extents(self) -> bool:
+        kind = self.mode & S_IFMT
+        return kind in (S_IFREG, S_IFDIR) or (kind == S_IFLNK and len(self.target) > FAST_SYMLINK_MAX)
+
+
+@lru_cache(maxsize=1 << 18)
+def _hash_name(name: bytes, seed: tuple[int, int, int, int]) -> tuple[int, int]:
+    return dx_hash(name, seed)
+
+
+def _runs_to_extents(runs: Iterable[tuple[int, int]], logical: int = 0) -> list[Extent]:
+    """Cut physical runs into extents of at most 32768 blocks, numbering file blocks from `logical`."""
+    out: list[Extent] = []
+    for start, count in runs:
+        while count:
+            n = min(count, EXT_MAX_INIT_LEN)
+            if out and out[-1].physical + out[-1].length == start and out[-1].length + n <= EXT_MAX_INIT_LEN:
+                last = out.pop()
+                out.append(Extent(last.logical, last.physical, last.length + n))
+            else:
+                out.append(Extent(logical, start, n))
+            logical += n
+            start += n
+            count -= n
+    return out
+
+
+def _physical_blocks(extents: list[Extent]) -> list[int]:
+    return [e.physical + i for e in extents for i in range(e.length)]
+
+
+def _runs_of(blocks: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs (start, count) of a list of block numbers, in list order."""
+    i = 0
+    while i < len(blocks):
+        j = i + 1
+        while j < len(blocks) and blocks[j] == blocks[j - 1] + 1:
+            j += 1
+        yield blocks[i], j - i
+        i = j
+
+
+class Filesystem:
+    def __init__(self, geometry: Geometry, sb: Superblock) -> None:
+        self.geo = geometry
+        self.sb = sb
+        groups = geometry.groups
+        self.block_map = Bitmap(geometry.blocks_count, groups * BLOCK_SIZE)
+        self.inode_map = Bitmap(geometry.inodes_count)
+        self.inodes: dict[int, Inode] = {}
+        self.used_dirs = [0] * groups
+        self.free_blocks = [0] * groups
+        self.free_inodes = [0] * groups
+        self.dirty_inodes: set[int] = set()
+        self.dirty_dirs: set[int] = set()
+        self.dirty_block_groups: set[int] = set()
+        self.dirty_inode_groups: set[int] = set()
+        self.seed = seed_words(sb.s_hash_seed)
+        self._fresh = True  # until the first flush: skip writing blocks that are all zero
+        self.reset_cursors()
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def mkfs(cls, size_bytes: int, *, uuid: bytes = bytes(16), hash_seed: bytes = bytes(16)) -> Filesystem:
+        geo = Geometry.for_size(size_bytes)
+        sb = Superblock(
+            s_inodes_count=geo.inodes_count,
+            s_inodes_per_group=geo.inodes_per_group,
+            s_feature_compat=COMPAT_EXT_ATTR | COMPAT_DIR_INDEX,
+            s_feature_incompat=INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG,
+            s_feature_ro_compat=RO_COMPAT_SPARSE_SUPER
+            | RO_COMPAT_LARGE_FILE
+            | RO_COMPAT_HUGE_FILE
+            | RO_COMPAT_DIR_NLINK
+            | RO_COMPAT_EXTRA_ISIZE,
+            s_uuid=uuid,
+            s_hash_seed=hash_seed,
+            s_def_hash_version=DX_HASH_HALF_MD4,
+            s_log_groups_per_flex=geo.log_groups_per_flex,
+        )
+        sb.blocks_count = geo.blocks_count
+        sb.r_blocks_count = geo.blocks_count * RESERVED_PERCENT // 100
+        fs = cls(geo, sb)
+        # Static metadata: superblock + GDT copies, then each flex group's bitmaps and inode tables.
+        for group in range(geo.groups):
+            if geo.has_super(group):
+                fs.block_map.set_range(geo.group_start(group), geo.super_blocks(group))
+            if group % geo.groups_per_flex == 0:
+                fs.block_map.set_range(*geo.flex_metadata_blocks(group))
+        # Bits past the end of the last group read as "in use", as mke2fs leaves them.
+        tail = geo.groups * BLOCKS_PER_GROUP
+        fs.block_map.set_range(geo.blocks_count, tail - geo.blocks_count)
+        fs.inode_map.set_range(0, FIRST_INO - 1)  # inodes 1..10 are reserved
+        fs.dirty_block_groups.update(range(geo.groups))
+        fs.dirty_inode_groups.update(range(geo.groups))
+
+        root = Inode(ROOT_INO, S_IFDIR | 0o755)
+        root.parent = ROOT_INO
+        root.links = 2
+        fs.inodes[ROOT_INO] = root
+        fs.used_dirs[0] += 1
+        fs.dirty_inodes.add(ROOT_INO)
+        fs.dirty_dirs.add(ROOT_INO)
+        fs.mkdir(ROOT_INO, b"lost+found", 0o700)
+        return fs
+
+    def reset_cursors(self) -> None:
+        """Restart next-fit allocation from the start (done once per layer, like the reference tools)."""
+        self._block_cursor = 0
+        self._inode_cursor = FIRST_INO - 1
+
+    # ------------------------------------------------------------------ allocation
+
+    def _mark_block_groups(self, start: int, count: int) -> None:
+        self.dirty_block_groups.update(
+            range(start // BLOCKS_PER_GROUP, (start + count - 1) // BLOCKS_PER_GROUP + 1)
+        )
+
+    def allocate_blocks(self, count: int) -> list[tuple[int, int]]:
+        """Next-fit allocation of `count` blocks as few contiguous runs as the free space allows."""
+        runs: list[tuple[int, int]] = []
+        remaining = count
+        pos = self._block_cursor
+        total = self.geo.blocks_count
+        wrapped = False
+        while remaining:
+            start = self.block_map.find_clear(pos, total)
+            if start is None:
+                if wrapped:
+                    for run in runs:
+                        self.free_block_run(*run)
+                    raise FilesystemFullError(
+                        f"no space left: {count} blocks requested, the {total * BLOCK_SIZE >> 20} MiB "
+                        "filesystem is full (raise the virtual size, --vsize)"
+                    )
+                wrapped, pos = True, 0
+                continue
+            end = self.block_map.find_set(start, min(start + remaining, total))
+            if end is None:
+                end = min(start + remaining, total)
+            n = end - start
+            self.block_map.set_range(start, n)
+            self._mark_block_groups(start, n)
+            runs.append((start, n))
+            remaining -= n
+            pos = end
+        self._block_cursor = pos
+        return runs
+
+    def free_block_run(self, start: int, count: int) -> None:
+        if count:
+            self.block_map.set_range(start, count, False)
+            self._mark_block_groups(start, count)
+
+    def _allocate_inode(self, is_dir: bool) -> int:
+        total = self.geo.inodes_count
+        bit = self.inode_map.find_clear(self._inode_cursor, total)
+        if bit is None:
+            bit = self.inode_map.find_clear(FIRST_INO - 1, total)
+            if bit is None:
+                raise FilesystemFullError(
+                    f"no free inodes: all {total} are in use (raise the virtual size, --vsize)"
+                )
+        self.inode_map.set_range(bit, 1)
+        self._inode_cursor = bit + 1
+        group = bit // self.geo.inodes_per_group
+        self.dirty_inode_groups.add(group)
+        if is_dir:
+            self.used_dirs[group] += 1
+        return bit + 1
+
+    # ------------------------------------------------------------------ namespace operations
+
+    def new_inode(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> Inode:
+        ino = self._allocate_inode(mode & S_IFMT == S_IFDIR)
+        inode = Inode(ino, mode, uid, gid, mtime, mtime_ns)
+        self.inodes[ino] = inode
+        self.dirty_inodes.add(ino)
+        return inode
+
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        children = self.inodes[dir_ino].children
+        assert children is not None
+        return children.get(name)
+
+    def link(self, dir_ino: int, name: bytes, child: Inode) -> None:
+        """Add a directory entry; for a new subdirectory also set its '..'."""
+        directory = self.inodes[dir_ino]
+        assert directory.children is not None and name not in directory.children
+        directory.children[name] = child.ino
+        self.dirty_dirs.add(dir_ino)
+        self.dirty_inodes.add(dir_ino)
+        if child.is_dir:
+            child.parent = dir_ino
+            self.dirty_dirs.add(child.ino)
+
+    def add_hardlink(self, dir_ino: int, name: bytes, target: Inode) -> None:
+        target.links += 1
+        self.dirty_inodes.add(target.ino)
+        self.link(dir_ino, name, target)
+
+    def mkdir(self, parent: int, name: bytes, perm: int, uid: int = 0, gid: int = 0, mtime: int = 0) -> Inode:
+        inode = self.new_inode(S_IFDIR | perm, uid, gid, mtime)
+        inode.links = 2
+        self.link(parent, name, inode)
+        return inode
+
+    def remove(self, dir_ino: int, name: bytes) -> None:
+        """Unlink a name; a directory goes with everything below it."""
+        directory = self.inodes[dir_ino]
+        assert directory.children is not None
+        child = directory.children.pop(name)
+        self.dirty_dirs.add(dir_ino)
+        self.dirty_inodes.add(dir_ino)
+        stack = [child]
+        while stack:
+            inode = self.inodes[stack.pop()]
+            if inode.is_dir:
+                assert inode.children is not None
+                stack.extend(inode.children.values())
+                inode.children.clear()
+                self._free_inode(inode)
+            else:
+                inode.links -= 1
+                if inode.links <= 0:
+                    self._free_inode(inode)
+                else:
+                    self.dirty_inodes.add(inode.ino)
+
+    def _free_inode(self, inode: Inode) -> None:
+        for run in self._owned_runs(inode):
+            self.free_block_run(*run)
+        bit = inode.ino - 1
+        self.inode_map.set_range(bit, 1, False)
+        group = bit // self.geo.inodes_per_group
+        self.dirty_inode_groups.add(group)
+        if inode.is_dir:
+            self.used_dirs[group] -= 1
+        del self.inodes[inode.ino]
+        self.dirty_inodes.add(inode.ino)  # its table slot is rewritten as zeros
+        self.dirty_dirs.discard(inode.ino)
+
+    def _owned_runs(self, inode: Inode) -> Iterator[tuple[int, int]]:
+        for e in inode.extents:
+            yield e.physical, e.length
+        yield from _runs_of(inode.tree_blocks)
+        if inode.xattr_block:
+            yield inode.xattr_block, 1
+
+    def allocate_file_blocks(self, inode: Inode, count: int, logical: int = 0) -> list[Extent]:
+        """Allocate `count` data blocks for file blocks logical.. and record them as extents."""
+        extents = _runs_to_extents(self.allocate_blocks(count), logical)
+        if inode.extents and extents:
+            last, first = inode.extents[-1], extents[0]
+            if (
+                last.logical + last.length == first.logical
+                and last.physical + last.length == first.physical
+                and last.length + first.length <= EXT_MAX_INIT_LEN
+            ):
+                inode.extents[-1] = Extent(last.logical, last.physical, last.length + first.length)
+                extents = extents[1:]
+        inode.extents.extend(extents)
+        self.dirty_inodes.add(inode.ino)
+        return extents
+
+    def touch(self, inode: Inode) -> None:
+        """Mark an inode whose attributes changed."""
+        self.dirty_inodes.add(inode.ino)
+
+    # ------------------------------------------------------------------ flushing a layer
+
+    def flush(self, sink: BlockSink) -> None:
+        """Write every metadata block changed since the last flush, then forget the changes."""
+        for ino in sorted(self.dirty_dirs):
+            if ino in self.inodes:
+                self._write_directory(self.inodes[ino], sink)
+        for ino in sorted(self.dirty_inodes):
+            inode = self.inodes.get(ino)
+            if inode is not None:
+                self._write_inode_blocks(inode, sink)
+        self._write_inode_tables(sink)
+        self._write_bitmaps_and_descriptors(sink)
+        self.dirty_inodes.clear()
+        self.dirty_dirs.clear()
+        self.dirty_block_groups.clear()
+        self.dirty_inode_groups.clear()
+        self._fresh = False
+
+    def _write_run(self, sink: BlockSink, blocks: list[int], data: list[bytes]) -> None:
+        i = 0
+        for start, count in _runs_of(blocks):
+            sink.write(start * BLOCK_SIZE, b"".join(data[i : i + count]))
+            i += count
+
+    # directories -----------------------------------------------------
+
+    def _write_directory(self, inode: Inode, sink: BlockSink) -> None:
+        assert inode.children is not None
+        entries = []
+        subdirs = 0
+        for name, child_ino in inode.children.items():
+            child_mode = self.inodes[child_ino].mode
+            file_type = FILE_TYPE_OF_MODE[child_mode & S_IFMT]
+            subdirs += file_type == FT_DIR
+            entries.append((name, child_ino, file_type))
+        blocks, indexed = self._directory_blocks(inode.ino, inode.parent, entries)
+        physical = _physical_blocks(inode.extents)
+        if len(physical) > len(blocks):
+            for run in _runs_of(physical[len(blocks) :]):
+                self.free_block_run(*run)
+            physical = physical[: len(blocks)]
+        elif len(physical) < len(blocks):
+            for start, count in self.allocate_blocks(len(blocks) - len(physical)):
+                physical.extend(range(start, start + count))
+        inode.extents = _runs_to_extents(_runs_of(physical))
+        self._write_run(sink, physical, blocks)
+        inode.size = len(blocks) * BLOCK_SIZE
+        inode.flags = EXT4_EXTENTS_FL | (EXT4_INDEX_FL if indexed else 0)
+        links = 2 + subdirs
+        inode.links = links if links <= EXT4_LINK_MAX else 1
+        self.dirty_inodes.add(inode.ino)
+
+    def _directory_blocks(
+        self, ino: int, parent: int, entries: list[tuple[bytes, int, int]]
+    ) -> tuple[list[bytes], bool]:
+        linear_size = 24 + sum(dirent_size(len(name)) for name, _, _ in entries)
+        if linear_size <= BLOCK_SIZE:
+            dots = [(b".", ino, FT_DIR), (b"..", parent, FT_DIR)]
+            return [_pack_dirent_block(dots + entries)], False
+        return self._htree_blocks(ino, parent, entries), True
+
+    def _htree_blocks(self, ino: int, parent: int, entries: list[tuple[bytes, int, int]]) -> list[bytes]:
+        keyed = sorted((_hash_name(name, self.seed), name, child, ft) for name, child, ft in entries)
+        # Fill leaves in hash order; entries sharing a major hash stay in one leaf so that every leaf
+        # starts a new hash value and the index needs no collision-continuation bits.
+        leaves: list[list[tuple[bytes, int, int]]] = [[]]
+        leaf_hashes = [0]
+        used = 0
+        i = 0
+        while i < len(keyed):
+            major = keyed[i][0][0]
+            j = i
+            group_size = 0
+            while j < len(keyed) and keyed[j][0][0] == major:
+                group_size += dirent_size(len(keyed[j][1]))
+                j += 1
+            if group_size > BLOCK_SIZE:
+                raise Ext4Error(f"directory inode {ino}: too many names share hash {major:#x}")
+            if used + group_size > BLOCK_SIZE:
+                leaves.append([])
+                leaf_hashes.append(major)
+                used = 0
+            leaves[-1].extend((name, child, ft) for _, name, child, ft in keyed[i:j])
+            used += group_size
+            i = j
+        leaf_blocks = [_pack_dirent_block(leaf) for leaf in leaves]
+        n_leaves = len(leaf_blocks)
+        if n_leaves <= DX_ROOT_LIMIT:
+            root = _pack_dx_root(ino, parent, 0, list(zip(leaf_hashes, range(1, n_leaves + 1), strict=True)))
+            return [root, *leaf_blocks]
+        n_nodes = -(-n_leaves // DX_NODE_LIMIT)
+        if n_nodes > DX_ROOT_LIMIT:
+            raise Ext4Error(f"directory inode {ino} has too many entries for a two-level htree")
+        first_leaf = 1 + n_nodes
+        nodes = []
+        root_entries = []
+        for k in range(n_nodes):
+            lo, hi = k * DX_NODE_LIMIT, min((k + 1) * DX_NODE_LIMIT, n_leaves)
+            node_entries = [(leaf_hashes[x], first_leaf + x) for x in range(lo, hi)]
+            nodes.append(_pack_dx_node(node_entries))
+            root_entries.append((leaf_hashes[lo], 1 + k))
+        return [_pack_dx_root(ino, parent, 1, root_entries), *nodes, *leaf_blocks]
+
+    # inodes ------------------------------------------------------------
+
+    def _write_inode_blocks(self, inode: Inode, sink: BlockSink) -> None:
+        """EA block and extent tree of a changed inode; computes i_block and the in-inode xattr area."""
+        entries = xattrs_mod.to_entries(inode.xattrs) if inode.xattrs else []
+        area = xattrs_mod.pack_inode_area(entries)
+        if area is None:
+            block = xattrs_mod.pack_block(entries)
+            if not inode.xattr_block:
+                ((inode.xattr_block, _),) = self.allocate_blocks(1)
+            sink.write(inode.xattr_block * BLOCK_SIZE, block)
+            inode.xattr_area = b""
+        else:
+            if inode.xattr_block:
+                self.free_block_run(inode.xattr_block, 1)
+                inode.xattr_block = 0
+            inode.xattr_area = area
+
+        kind = inode.kind
+        if inode.uses_extents:
+            inode.flags |= EXT4_EXTENTS_FL
+            inode.i_block = self._write_extent_tree(inode, sink)
+        elif kind == S_IFLNK:
+            inode.i_block = inode.target.ljust(60, b"\0")
+        elif kind in (S_IFCHR, S_IFBLK):
+            major, minor = inode.rdev
+            if major < 256 and minor < 256:
+                inode.i_block = struct.pack("<I", (major << 8) | minor).ljust(60, b"\0")
+            else:
+                new = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+                inode.i_block = struct.pack("<II", 0, new & 0xFFFFFFFF).ljust(60, b"\0")
+        else:
+            inode.i_block = bytes(60)
+
+    def _write_extent_tree(self, inode: Inode, sink: BlockSink) -> bytes:
+        extents = inode.extents
+        leaves = [extents[i : i + EXTENTS_PER_BLOCK] for i in range(0, len(extents), EXTENTS_PER_BLOCK)]
+        if len(extents) <= EXTENTS_IN_INODE:
+            needed, depth = 0, 0
+        elif len(leaves) <= EXTENTS_IN_INODE:
+            needed, depth = len(leaves), 1
+        else:
+            index_blocks = -(-len(leaves) // EXTENTS_PER_BLOCK)
+            if index_blocks > EXTENTS_IN_INODE:
+                raise Ext4Error(f"inode {inode.ino}: {len(extents)} extents need a deeper extent tree")
+            needed, depth = len(leaves) + index_blocks, 2
+        if len(inode.tree_blocks) != needed:
+            for run in _runs_of(inode.tree_blocks):
+                self.free_block_run(*run)
+            inode.tree_blocks = [
+                b for start, n in self.allocate_blocks(needed) for b in range(start, start + n)
+            ]
+        if depth == 0:
+            return pack_extent_node([e.pack() for e in extents], EXTENTS_IN_INODE, 0, 60)
+        leaf_blocks = inode.tree_blocks[: len(leaves)]
+        data = [
+            pack_extent_node([e.pack() for e in leaf], EXTENTS_PER_BLOCK, 0, BLOCK_SIZE) for leaf in leaves
+        ]
+        refs = [
+            pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, leaf_blocks, strict=True)
+        ]
+        blocks = list(leaf_blocks)
+        if depth == 2:
+            index_blocks_nr = inode.tree_blocks[len(leaves) :]
+            first_logicals = [leaf[0].logical for leaf in leaves]
+            top = []
+            for k, blk in enumerate(index_blocks_nr):
+                chunk = refs[k * EXTENTS_PER_BLOCK : (k + 1) * EXTENTS_PER_BLOCK]
+                data.append(pack_extent_node(chunk, EXTENTS_PER_BLOCK, 1, BLOCK_SIZE))
+                blocks.append(blk)
+                top.append(pack_extent_index(first_logicals[k * EXTENTS_PER_BLOCK], blk))
+            refs = top
+        for blk, payload in zip(blocks, data, strict=True):
+            sink.write(blk * BLOCK_SIZE, payload)
+        return pack_extent_node(refs, EXTENTS_IN_INODE, depth, 60)
+
+    def encode_inode(self, inode: Inode) -> bytes:
+        t, extra = encode_time(inode.mtime, inode.mtime_ns)
+        data_blocks = sum(e.length for e in inode.extents)
+        blocks = data_blocks + len(inode.tree_blocks) + (1 if inode.xattr_block else 0)
+        return RawInode(
+            mode=inode.mode,
+            uid=inode.uid,
+            gid=inode.gid,
+            size=inode.size,
+            atime=t,
+            ctime=t,
+            mtime=t,
+            atime_extra=extra,
+            ctime_extra=extra,
+            mtime_extra=extra,
+            links_count=inode.links,
+            blocks=blocks * (BLOCK_SIZE // 512),
+            flags=inode.flags,
+            i_block=inode.i_block,
+            file_acl=inode.xattr_block,
+            xattr_area=inode.xattr_area,
+        ).encode()
+
+    def _write_inode_tables(self, sink: BlockSink) -> None:
+        ipg = self.geo.inodes_per_group
+        table_blocks = sorted({(ino - 1) // INODES_PER_TABLE_BLOCK for ino in self.dirty_inodes})
+        zero = bytes(INODE_SIZE)
+        for start, count in _runs_of(table_blocks):
+            chunk = []
+            for tb in range(start, start + count):
+                first = tb * INODES_PER_TABLE_BLOCK + 1
+                parts = []
+                for ino in range(first, first + INODES_PER_TABLE_BLOCK):
+                    inode = self.inodes.get(ino)
+                    parts.append(zero if inode is None else self.encode_inode(inode))
+                chunk.append(b"".join(parts))
+            # Consecutive table blocks of one group are consecutive on disk; split at group ends.
+            i = 0
+            while i < count:
+                tb = start + i
+                group, index_in_group = divmod(tb * INODES_PER_TABLE_BLOCK, ipg)
+                room = (ipg - index_in_group) // INODES_PER_TABLE_BLOCK
+                n = min(room, count - i)
+                disk = self.geo.metadata(group)[2] + index_in_group // INODES_PER_TABLE_BLOCK
+                sink.write(disk * BLOCK_SIZE, b"".join(chunk[i : i + n]))
+                i += n
+
+    # bitmaps, descriptors, superblock ---------------------------------
+
+    def _group_descriptor(self, group: int) -> GroupDesc:
+        block_bitmap, inode_bitmap, inode_table = self.geo.metadata(group)
+        return GroupDesc(
+            block_bitmap=block_bitmap,
+            inode_bitmap=inode_bitmap,
+            inode_table=inode_table,
+            free_blocks_count=self.free_blocks[group],
+            free_inodes_count=self.free_inodes[group],
+            used_dirs_count=self.used_dirs[group],
+        )
+
+    def _write_bitmaps_and_descriptors(self, sink: BlockSink) -> None:
+        geo = self.geo
+        ipg_bytes = geo.inodes_per_group // 8
+        padding = b"\xff" * (BLOCK_SIZE - ipg_bytes)
+        for group in sorted(self.dirty_block_groups):
+            bits = self.block_map.bits[group * BLOCK_SIZE : (group + 1) * BLOCK_SIZE]
+            self.free_blocks[group] = BLOCKS_PER_GROUP - self.block_map.count_set(
+                group * BLOCK_SIZE, (group + 1) * BLOCK_SIZE
+            )
+            if not (self._fresh and not any(bits)):
+                sink.write(geo.metadata(group)[0] * BLOCK_SIZE, bytes(bits))
+        for group in sorted(self.dirty_inode_groups):
+            bits = self.inode_map.bits[group * ipg_bytes : (group + 1) * ipg_bytes]
+            self.free_inodes[group] = geo.inodes_per_group - self.inode_map.count_set(
+                group * ipg_bytes, (group + 1) * ipg_bytes
+            )
+            sink.write(geo.metadata(group)[1] * BLOCK_SIZE, bytes(bits) + padding)
+
+        gdt = b"".join(self._group_descriptor(g).encode() for g in range(geo.groups))
+        gdt = gdt.ljust(geo.gdt_blocks * BLOCK_SIZE, b"\0")
+        self.sb.free_blocks_count = sum(self.free_blocks)
+        self.sb.s_free_inodes_count = sum(self.free_inodes)
+        sink.write(BLOCK_SIZE, gdt)
+        block0 = bytearray(BLOCK_SIZE)
+        block0[SUPERBLOCK_OFFSET : SUPERBLOCK_OFFSET + 1024] = self.sb.encode(0)
+        sink.write(0, bytes(block0))
+        if self._fresh:
+            # Backup superblocks and descriptor tables, written once by mkfs like mke2fs does.
+            for group in range(1, geo.groups):
+                if geo.has_super(group):
+                    backup = self.sb.encode(group).ljust(BLOCK_SIZE, b"\0")
+                    sink.write(geo.group_start(group) * BLOCK_SIZE, backup + gdt)
+            self.sb.s_block_group_nr = 0
+
+
+def _pack_dirent_block(entries: list[tuple[bytes, int, int]]) -> bytes:
+    """Linear directory block: entries packed, the last one's rec_len reaching the block end."""
+    parts = []
+    used = 0
+    for k, (name, ino, file_type) in enumerate(entries):
+        size = dirent_size(len(name))
+        rec_len = BLOCK_SIZE - used if k == len(entries) - 1 else size
+        parts.append(pack_dirent(ino, name, file_type, rec_len).ljust(size, b"\0"))
+        used += size
+    return b"".join(parts).ljust(BLOCK_SIZE, b"\0")
+
+
+def _pack_dx_entries(limit: int, entries: list[tuple[int, int]]) -> bytes:
+    """dx_countlimit (overlaying entry 0's hash) + entries; entry 0 covers every hash below entry 1."""
+    out = [DX_COUNT_LIMIT.pack(limit, len(entries), entries[0][1])]
+    out.extend(DX_ENTRY.pack(h, blk) for h, blk in entries[1:])
+    return b"".join(out)
+
+
+def _pack_dx_root(ino: int, parent: int, levels: int, entries: list[tuple[int, int]]) -> bytes:
+    head = (
+        DIRENT_HEADER.pack(ino, 12, 1, FT_DIR)
+        + b".\0\0\0"
+        + DIRENT_HEADER.pack(parent, BLOCK_SIZE - 12, 2, FT_DIR)
+        + b"..\0\0"
+        + DX_ROOT_INFO.pack(0, DX_HASH_HALF_MD4, 8, levels, 0)
+    )
+    return (head + _pack_dx_entries(DX_ROOT_LIMIT, entries)).ljust(BLOCK_SIZE, b"\0")
+
+
+def _pack_dx_node(entries: list[tuple[int, int]]) -> bytes:
+    head = DIRENT_HEADER.pack(0, BLOCK_SIZE, 0, 0)
+    return (head + _pack_dx_entries(DX_NODE_LIMIT, entries)).ljust(BLOCK_SIZE, b"\0")
