@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.test_webhook_support import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -14,7 +15,6 @@ from tests.test_webhook_support import (
     harbor_cloudevent,
     harbor_default,
 )
-
 from webhook.config import Config, ConfigError, Rule, ensure_secret, load_config
 from webhook.events import PayloadError, parse_distribution, parse_generic, parse_harbor
 from webhook.rules import decide

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from webhook.app import services
 from webhook.config import Config
@@ -59,9 +60,19 @@ def accept(events: Sequence[RegistryEvent]) -> Response:
     return jsonify(received=len(events), accepted=accepted, ignored=dict(ignored))
 
 
+def read_body() -> bytes:
+    """The request body, or 413. A chunked body (no Content-Length) is cut at the limit by Werkzeug
+    rather than refused, so reaching the limit counts as too large."""
+    body = request.get_data(cache=False)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(body) >= limit:
+        raise RequestEntityTooLarge()
+    return body
+
+
 def _handle(parse: Callable[[object], list[RegistryEvent]]) -> Response | tuple[Response, int]:
     try:
-        events = parse(parse_json(request.get_data(cache=False)))
+        events = parse(parse_json(read_body()))
     except PayloadError as exc:
         log.warning("bad notification payload", extra={"path": request.path, "error": str(exc)})
         return jsonify(error=str(exc)), 400
