@@ -207,10 +207,8 @@ def build_layout(layout: Path, images: Image | Sequence[Image], *, name: str = "
 
 def skopeo_tls_args(registry, prefix: str) -> list[str]:
     """``--dest-``/``--src-`` TLS and credential flags for a harness ``Registry``."""
-    if registry.tls:
-        args = [f"--{prefix}cert-dir", str(registry.cert_dir)]
-    else:
-        args = [f"--{prefix}tls-verify=false"]
+    args = ([f"--{prefix}cert-dir", str(registry.cert_dir)] if registry.tls
+            else [f"--{prefix}tls-verify=false"])
     if registry.username:
         args += [f"--{prefix}creds", f"{registry.username}:{registry.password}"]
     return args
