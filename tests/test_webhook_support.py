@@ -138,11 +138,14 @@ def recording_convert(job: ConversionRequest) -> ConversionResult:
 def skopeo_copy_convert(job: ConversionRequest) -> ConversionResult:
     """Publishes the pushed image unchanged as `<tag>_obd` with skopeo (a stand-in for the pipeline
     that has the same registry-visible effect: a push of the target tag by the service)."""
-    digest_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"obd-{job.job_id}.digest"
+    work = Path(os.environ.get("TMPDIR", "/tmp"))
+    digest_file = work / f"obd-{job.job_id}.digest"
+    # A private blob-info cache (see tests/harness/oci.py skopeo_env) keeps registry events deterministic.
+    env = {**os.environ, "_CONTAINERS_ROOTLESS_UID": "1000", "XDG_DATA_HOME": str(work / "obd-skopeo-cache")}
     proc = subprocess.run(
-        ["skopeo", "copy", "--all", "--src-tls-verify=false", "--dest-tls-verify=false",
+        ["skopeo", "copy", "--all", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
          "--digestfile", str(digest_file), f"docker://{job.source_ref}", f"docker://{job.target_ref}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=env,
     )
     if proc.returncode != 0:
         raise TransientError(f"skopeo copy failed: {proc.stderr.strip()[-500:]}")

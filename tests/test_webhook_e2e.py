@@ -1,0 +1,154 @@
+"""End to end with reality: Distribution 2.8.2 sends its notifications to a running `obd-webhook serve`,
+images are pushed with skopeo, and the service publishes `<tag>_obd` back into the same registry.
+
+The conversion engine is not wired in yet, so the service runs with a conversion function that
+publishes the pushed image unchanged under the target tag with skopeo: the registry sees exactly
+the traffic a real conversion causes (a push of `<tag>_obd` by the service), which is what the
+webhook side must handle (no loop, one job per tag). When `converter.pipeline` exists these tests
+should switch to the default hook and verify the overlaybd output as the pipeline tests do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.harness import layers as L
+from tests.harness.oci import Image, build_layout, push_image
+from tests.harness.registry import Endpoint
+from tests.test_webhook_support import (
+    AUTH,
+    SECRET,
+    ServeProcess,
+    harbor_cloudevent,
+    harbor_default,
+    wait_until,
+)
+
+SKOPEO_COPY = "tests.test_webhook_support:skopeo_copy_convert"
+TERMINAL = {"succeeded", "dead", "superseded"}
+
+
+def tags(registry, repo: str) -> set[str]:
+    response = requests.get(f"{registry.url}/v2/{repo}/tags/list", timeout=5)
+    if response.status_code == 404:
+        return set()
+    response.raise_for_status()
+    return set(response.json()["tags"] or [])
+
+
+def manifest_digest(registry, repo: str, ref: str) -> str:
+    accept = ", ".join([
+        "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json"])
+    response = requests.head(f"{registry.url}/v2/{repo}/manifests/{ref}", headers={"Accept": accept}, timeout=5)
+    response.raise_for_status()
+    return response.headers["Docker-Content-Digest"]
+
+
+def all_jobs(service: ServeProcess) -> list[dict]:
+    return requests.get(service.url + "/api/v1/conversions?limit=1000", headers=AUTH, timeout=5).json()["jobs"]
+
+
+@pytest.fixture
+def rules_file(tmp_path: Path) -> Path:
+    path = tmp_path / "webhook.yaml"
+    path.write_text("rules:\n  - name: demo\n    repositories: ['demo/*']\n")
+    return path
+
+
+def test_distribution_pushes_convert_exactly_the_expected_tags(tmp_path: Path, registry_factory,
+                                                               rules_file: Path) -> None:
+    service = ServeProcess(tmp_path / "data", {"OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY,
+                                               "OBD_WEBHOOK_CONFIG": str(rules_file), "TMPDIR": str(tmp_path)})
+    service.start()
+    try:
+        # No filters on the registry side: every blob, pull and mount event reaches the service,
+        # which must ignore them itself.
+        registry = registry_factory(notifications=[Endpoint(
+            url=service.url + "/hooks/distribution", headers={"Authorization": [f"Bearer {SECRET}"]})])
+        single = build_layout(tmp_path / "single", Image([[L.file("hello.txt", b"hello\n")]]))
+        multi = build_layout(tmp_path / "multi", [
+            Image([[L.file("a.txt", b"amd64\n")]], architecture="amd64"),
+            Image([[L.file("a.txt", b"arm64\n")]], architecture="arm64")])
+        single_digest = push_image(single, registry, "demo/single:v1")
+        multi_digest = push_image(multi, registry, "demo/multi:v1")
+        push_image(single, registry, "demo/single:v2")  # re-tag of the same digest
+        push_image(single, registry, "other/x:v1")  # no rule matches
+        push_image(single, registry, "demo/single:manual_obd")  # looks like an output: never converted
+
+        def settled() -> bool:
+            if registry.notification_metrics().get("Pending", 1) != 0:
+                return False
+            jobs = all_jobs(service)
+            return len(jobs) == 3 and all(j["state"] in TERMINAL for j in jobs)
+
+        wait_until(settled, timeout=90, interval=0.2, what="notifications delivered and jobs finished")
+        # The service's own pushes produce events too; give them time to arrive and be ignored.
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, what="no pending events")
+
+        assert tags(registry, "demo/single") == {"v1", "v2", "v1_obd", "v2_obd", "manual_obd"}
+        assert tags(registry, "demo/multi") == {"v1", "v1_obd"}
+        assert tags(registry, "other/x") == {"v1"}
+        assert manifest_digest(registry, "demo/single", "v1_obd") == single_digest
+        assert manifest_digest(registry, "demo/multi", "v1_obd") == multi_digest
+
+        jobs = all_jobs(service)
+        assert Counter(j["state"] for j in jobs) == {"succeeded": 3}
+        assert sorted(j["target_ref"] for j in jobs) == sorted(
+            f"{registry.host}/{ref}" for ref in ("demo/single:v1_obd", "demo/single:v2_obd", "demo/multi:v1_obd"))
+        by_ref = {j["target_tag"]: j for j in jobs if j["repository"] == "demo/single"}
+        assert by_ref["v1_obd"]["result"]["target_digest"] == single_digest
+
+        metrics = requests.get(service.url + "/metrics", headers=AUTH, timeout=5).text
+        ignored = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("obd_webhook_events_ignored_total{")}
+        # 3 pushes by the service + the manual _obd push; blob uploads and child manifests.
+        assert ignored["output_tag"] >= 4 and ignored["blob"] >= 3 and ignored["untagged"] >= 2
+        assert ignored["no_matching_rule"] == 1
+    finally:
+        service.stop()
+
+
+def test_harbor_payloads_against_real_registry(tmp_path: Path, registry_factory) -> None:
+    """The real registry stands in for Harbor's: Harbor payloads name it in resource_url."""
+    registry = registry_factory()
+    image = build_layout(tmp_path / "img", Image([[L.file("h.txt", b"harbor\n")]]))
+    digest = push_image(image, registry, "proj/app:1.0")
+    push_image(image, registry, "proj/app:2.0")
+    service = ServeProcess(tmp_path / "data", {"OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY,
+                                               "TMPDIR": str(tmp_path),
+                                               "OBD_WEBHOOK_CONVERTER_ACTORS": "robot$obd-converter"})
+    service.start()
+    try:
+        def send(payload: dict, content_type: str = "application/json") -> dict:
+            response = requests.post(service.url + "/hooks/harbor", data=json.dumps(payload), timeout=5,
+                                     headers={"Authorization": f"Bearer {SECRET}", "Content-Type": content_type})
+            assert response.status_code == 200
+            return response.json()
+
+        host = registry.host
+        assert len(send(harbor_default("1.0", digest, repo="proj/app", host=host))["accepted"]) == 1
+        assert send(harbor_default(digest, digest, repo="proj/app", host=host))["ignored"] == {"tag_is_digest": 1}
+        assert send(harbor_default("1.0", digest, repo="proj/app", host=host, kind="PULL_ARTIFACT"))["ignored"] == {
+            "not_push": 1}
+        replication = {"type": "REPLICATION", "occur_at": 1, "operator": "harbor-jobservice",
+                       "event_data": {"replication": {"harbor_hostname": host, "job_status": "Success",
+                                                      "successful_artifact": [{"name_tag": "app:1.0"}]}}}
+        assert send(replication)["ignored"] == {"not_push": 1}
+        assert send(harbor_default("1.0_obd", digest, repo="proj/app", host=host,
+                                   operator="robot$obd-converter"))["ignored"] == {"own_actor": 1}
+        cloud = harbor_cloudevent("2.0", digest, repo="proj/app", host=host)
+        assert len(send(cloud, "application/cloudevents+json")["accepted"]) == 1
+
+        wait_until(lambda: {j["state"] for j in all_jobs(service)} == {"succeeded"}, timeout=60,
+                   what="harbor jobs converted")
+        assert tags(registry, "proj/app") == {"1.0", "2.0", "1.0_obd", "2.0_obd"}
+        assert manifest_digest(registry, "proj/app", "2.0_obd") == digest
+    finally:
+        service.stop()

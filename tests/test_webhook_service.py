@@ -1,0 +1,183 @@
+"""A real `obd-webhook serve` process: durability under kill -9, graceful SIGTERM, split deployment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+from tests.test_webhook_support import (
+    AUTH,
+    DISTRIBUTION_V1,
+    ROOT,
+    ServeProcess,
+    distribution_event,
+    envelope,
+    read_records,
+    wait_until,
+)
+
+RECORDING = "tests.test_webhook_support:recording_convert"
+
+
+def service_env(record: Path, convert_seconds: float, **extra: str) -> dict[str, str]:
+    return {"OBD_WEBHOOK_CONVERT_CALLABLE": RECORDING, "OBD_TEST_RECORD": str(record),
+            "OBD_TEST_CONVERT_SECONDS": str(convert_seconds), "OBD_WEBHOOK_LEASE_SECONDS": "2",
+            **extra}
+
+
+def jobs(service: ServeProcess) -> list[dict]:
+    response = requests.get(service.url + "/api/v1/conversions?limit=1000", headers=AUTH, timeout=10)
+    response.raise_for_status()
+    return response.json()["jobs"]
+
+
+def post(service: ServeProcess, event: dict) -> requests.Response:
+    return requests.post(service.url + "/hooks/distribution", data=envelope(event), timeout=5,
+                         headers={**AUTH, "Content-Type": DISTRIBUTION_V1})
+
+
+def test_burst_of_200_with_kill9_then_restart_converts_every_accepted_event_once(tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    env = service_env(record, 0.01, OBD_WEBHOOK_WORKERS="2")
+    service = ServeProcess(tmp_path / "data", env).start()
+    events = [distribution_event(repository=f"burst/app{i % 20}", tag=f"t{i}") for i in range(200)]
+    acknowledged: set[str] = set()
+    lock = threading.Lock()
+
+    def sender(chunk: list[dict]) -> None:
+        for event in chunk:
+            try:
+                ok = post(service, event).status_code == 200
+            except requests.RequestException:
+                ok = False  # killed mid-request: the registry would resend it
+            if ok:
+                with lock:
+                    acknowledged.add(event["id"])
+
+    try:
+        threads = [threading.Thread(target=sender, args=(events[i::4],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(acknowledged) >= 100, timeout=60, what="100 acknowledged events")
+        service.kill9()
+        for thread in threads:
+            thread.join(30)
+        assert 100 <= len(acknowledged) < 200, "the kill should land in the middle of the burst"
+
+        service = ServeProcess(tmp_path / "data", env).start()
+        # The registry redelivers what was not acknowledged, and (at-least-once) some that were.
+        unacknowledged = [e for e in events if e["id"] not in acknowledged]
+        redelivered = [e for e in events if e["id"] in acknowledged][:20]
+        for event in unacknowledged + redelivered:
+            assert post(service, event).status_code == 200
+        wait_until(lambda: Counter(j["state"] for j in jobs(service))["succeeded"] == 200, timeout=120,
+                   interval=0.5, what="200 succeeded jobs")
+        all_jobs = jobs(service)
+        assert sorted(j["event_id"] for j in all_jobs) == sorted(e["id"] for e in events)
+        done = Counter(r["job"] for r in read_records(record) if r["event"] == "done")
+        assert set(done) == {j["id"] for j in all_jobs}
+        assert set(done.values()) == {1}, "every job converted exactly once"
+    finally:
+        service.stop()
+
+
+def test_kill9_during_conversion_job_resumes_after_lease_expiry(tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    env = service_env(record, 2.5)
+    service = ServeProcess(tmp_path / "data", env).start()
+    try:
+        assert post(service, distribution_event(repository="demo/slow", tag="v1")).status_code == 200
+        wait_until(lambda: any(r["event"] == "start" for r in read_records(record)), what="conversion start")
+        service.kill9()
+        service = ServeProcess(tmp_path / "data", env).start()
+        (job,) = wait_until(lambda: [j for j in jobs(service) if j["state"] == "succeeded"], timeout=60,
+                            what="job succeeded after restart")
+        events = [r["event"] for r in read_records(record)]
+        assert events == ["start", "start", "done"]
+        detail = requests.get(f"{service.url}/api/v1/conversions/{job['id']}", headers=AUTH, timeout=5).json()
+        assert [a["outcome"] for a in detail["attempt_log"]] == ["lease_expired", "succeeded"]
+        assert detail["attempts"] == 2
+    finally:
+        service.stop()
+
+
+def test_sigterm_finishes_running_conversion_within_grace(tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    service = ServeProcess(tmp_path / "data", service_env(record, 1.0)).start()
+    assert post(service, distribution_event(repository="demo/graceful", tag="v1")).status_code == 200
+    wait_until(lambda: any(r["event"] == "start" for r in read_records(record)), what="conversion start")
+    assert service.terminate(30) == 0
+    assert [r["event"] for r in read_records(record)] == ["start", "done"]
+    assert '"conversion succeeded"' in service.log() and '"obd-webhook stopped"' in service.log()
+
+
+def test_sigterm_requeues_conversion_that_outlives_grace(tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    env = service_env(record, 30, OBD_WEBHOOK_SHUTDOWN_GRACE_SECONDS="0.5")
+    service = ServeProcess(tmp_path / "data", env).start()
+    try:
+        assert post(service, distribution_event(repository="demo/long", tag="v1")).status_code == 200
+        wait_until(lambda: any(r["event"] == "start" for r in read_records(record)), what="conversion start")
+        started = time.monotonic()
+        assert service.terminate(30) == 0
+        assert time.monotonic() - started < 15
+        # Front end only: the job must be back in the queue, untouched.
+        service = ServeProcess(tmp_path / "data", env, args=("--no-workers",)).start()
+        (job,) = jobs(service)
+        assert (job["state"], job["attempts"], job["lease_owner"]) == ("queued", 0, None)
+    finally:
+        service.stop()
+
+
+def test_front_end_without_workers_and_separate_worker_process(tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    env = service_env(record, 0)
+    service = ServeProcess(tmp_path / "data", env, args=("--no-workers",)).start()
+    worker = None
+    try:
+        for i in range(5):
+            assert post(service, distribution_event(repository="split/app", tag=f"v{i}")).status_code == 200
+        time.sleep(0.5)
+        assert {j["state"] for j in jobs(service)} == {"queued"}
+        worker = subprocess.Popen([sys.executable, "-m", "webhook.cli", "worker", "--concurrency", "2"],
+                                  env=service.env, cwd=str(ROOT), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        wait_until(lambda: {j["state"] for j in jobs(service)} == {"succeeded"}, timeout=30,
+                   what="worker process converted the queued jobs")
+        pids = {r["pid"] for r in read_records(record)}
+        assert pids == {worker.pid}
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        service.stop()
+
+
+def test_serve_with_zero_configuration_prints_secret_once(tmp_path: Path) -> None:
+    """What `make run` does: no file, no secret; the secret is generated, stored and shown once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBD_WEBHOOK_")}
+    env.update({"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "xdg")})
+    service = ServeProcess(tmp_path / "unused", {})
+    service.env = {**env, "OBD_WEBHOOK_LISTEN": f"127.0.0.1:{service.port}", "PYTHONPATH": str(ROOT)}
+    service.start()
+    service.stop()
+    secret_file = tmp_path / "xdg" / "obd-webhook" / "webhook-secret"
+    secret = secret_file.read_text().strip()
+    first_log = service.log()
+    assert secret in first_log and "Authorization: [Bearer " + secret + "]" in first_log
+    assert "/hooks/harbor" in first_log
+    service.log_path.unlink()
+    service.start()
+    try:
+        assert requests.get(service.url + "/api/v1/conversions", timeout=5,
+                            headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    finally:
+        service.stop()
+    assert secret not in service.log(), "the secret is printed only when it is generated"
