@@ -264,7 +264,8 @@ class RegistryClient:
                                                 **kw)
             except requests.exceptions.SSLError as err:
                 raise TLSError(f"{method} {urlsplit(url).path}: TLS failure with {self.host}: {err}") from None
-            except (requests.ConnectionError, requests.Timeout) as err:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as err:
                 raise _Retryable(f"{method} {urlsplit(url).path}: {type(err).__name__}: {err}") from None
             if response.status_code >= 500 or response.status_code == 429:
                 body = response.content[:8192]
@@ -393,8 +394,7 @@ class RegistryClient:
     # ------------------------------------------------------------------- API: manifests
 
     def _read_manifest(self, response: requests.Response, repo: str, ref: str) -> Manifest:
-        raw = response.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
-        response.close()
+        raw = response.content  # read inside the retried exchange, so a broken body is retried
         if len(raw) > MAX_MANIFEST_SIZE:
             raise RegistryPermanentError(f"{repo}:{ref}: manifest larger than {MAX_MANIFEST_SIZE} bytes")
         media_type = _media_type(response, raw)
@@ -416,7 +416,7 @@ class RegistryClient:
     def get_manifest(self, repo: str, ref: str) -> Manifest:
         """The manifest or index at tag or digest ``ref``, digest-verified. Raises NotFoundError."""
         response = self._request("GET", f"/v2/{_check_repo(repo)}/manifests/{_check_ref(ref)}",
-                                 scopes=_pull(repo), headers={"Accept": ACCEPT}, stream=True)
+                                 scopes=_pull(repo), headers={"Accept": ACCEPT})
         return self._read_manifest(response, repo, ref)
 
     def head_manifest(self, repo: str, ref: str) -> Descriptor | None:

@@ -117,6 +117,8 @@ def _wait_ready(reg: Registry) -> None:
         except urllib.error.HTTPError as err:
             if err.code == 401:  # auth variants answer 401 once they are serving
                 return
+        except ssl.SSLError:  # a registry requiring client certificates is serving once it refuses us
+            return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if time.monotonic() > deadline:

@@ -51,7 +51,8 @@ class TokenServer:
 
     keypair: KeyPair
     users: dict[str, str]
-    lifetime: float = 300.0
+    lifetime: float = 300.0  # seconds until the JWT's exp (the registry adds 60 s of leeway)
+    advertised_lifetime: float | None = None  # expires_in told to clients, if it should differ
     denied_repos: set[str] = field(default_factory=set)
     issued: list[dict] = field(default_factory=list)
     port: int = 0
@@ -101,7 +102,8 @@ class TokenServer:
                 access = [a for a in access if a["name"] not in server.denied_repos]
                 server.issued.append({"user": user, "access": access, "time": time.time()})
                 token = server.mint(user, access)
-                body = json.dumps({"token": token, "access_token": token, "expires_in": int(server.lifetime),
+                lifetime = int(server.advertised_lifetime or server.lifetime)
+                body = json.dumps({"token": token, "access_token": token, "expires_in": lifetime,
                                    "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
