@@ -1,0 +1,128 @@
+"""The one-pass layer pipeline: blocks in -> LSMT -> ZFile -> tar -> file, with sha256 and size of the blob.
+
+Everything is streamed: LSMT data goes out in arrival order, compressed by the ZFile writer's thread pool
+while the caller keeps producing blocks. The few fields only known at the end (ZFile header info, PAX size
+record) are placeholders patched in place at close; the sha256 then needs one read of the finished blob,
+because SHA-256 cannot be resumed once its first block changes (see docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+from dataclasses import dataclass
+from types import TracebackType
+
+from .common import BytesLike, FormatError
+from .lsmt import LsmtWriter
+from .tarwrap import WRAPPERS, tar_suffix
+from .zfile import DEFAULT_BLOCK_SIZE, ZFileWriter
+
+WRAPPER_CHOICES = ("pax", "ustar", "none")
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    path: str
+    digest: str  # "sha256:<hex>"
+    size: int  # bytes of the final blob (tar-wrapped zfile)
+    lsmt_size: int
+    data_bytes: int  # bytes in the LSMT data section, rewritten (dead) data included
+    index_entries: int  # real LSMT index entries, padding excluded
+
+
+def sha256_file(fd: int) -> str:
+    """sha256 of a whole file through one mmap: hashlib then hashes it in a single call with the GIL
+    released and no copies into Python buffers (SHA-NI via OpenSSL where the CPU has it)."""
+    h = hashlib.sha256()
+    if os.fstat(fd).st_size:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            h.update(m)
+    return "sha256:" + h.hexdigest()
+
+
+class LayerBlobWriter:
+    """Writes one overlaybd layer blob (reference §6 steps 2-4) to `path`.
+
+    write()/zero() take byte offsets and lengths that are multiples of 512; later writes win. close()
+    finishes the blob and returns its BlobInfo; abort() (or leaving a `with` block by an exception) removes
+    the partial file. `compress=False` leaves out the ZFile stage; `wrapper` is "pax" (overlaybd-commit -t),
+    "ustar" (Go archive/tar form) or "none".
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, virtual_size: int, uuid: str | None = None,
+                 parent_uuid: str | None = None, user_tag: bytes = b"", algorithm: str = "lz4",
+                 block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None, compress: bool = True,
+                 wrapper: str = "pax") -> None:
+        if wrapper not in WRAPPER_CHOICES:
+            raise FormatError(f"unknown tar wrapper {wrapper!r}; choose one of {WRAPPER_CHOICES}")
+        self.path = os.fspath(path)
+        self._wrapper = wrapper
+        self._zfile: ZFileWriter | None = None
+        self._done = False
+        self.info: BlobInfo | None = None  # set by close()
+        self._file = open(self.path, "w+b")  # noqa: SIM115 - owned until close()/abort()
+        try:
+            self._data_offset = WRAPPERS[wrapper][0] if wrapper != "none" else 0
+            self._file.write(bytes(self._data_offset))  # tar headers: patched at close
+            if compress:
+                self._zfile = ZFileWriter(self._file, block_size=block_size, algorithm=algorithm,
+                                          workers=workers)
+            sink = self._zfile.write if self._zfile else self._file.write
+            self._lsmt = LsmtWriter(sink, virtual_size=virtual_size, uuid=uuid, parent_uuid=parent_uuid,
+                                    user_tag=user_tag)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, offset: int, data: BytesLike) -> None:
+        self._lsmt.write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._lsmt.zero(offset, length)
+
+    def close(self) -> BlobInfo:
+        if self._done:
+            raise FormatError(f"{self.path}: layer blob writer already finished")
+        try:
+            stats = self._lsmt.close()
+            if self._zfile is not None:
+                self._zfile.close()
+            payload = self._file.tell() - self._data_offset
+            if self._wrapper != "none":
+                self._file.write(tar_suffix(payload))
+                self._file.seek(0)
+                self._file.write(WRAPPERS[self._wrapper][1](payload))
+            self._file.flush()
+            size = os.fstat(self._file.fileno()).st_size
+            digest = sha256_file(self._file.fileno())
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self.info = BlobInfo(path=self.path, digest=digest, size=size, lsmt_size=stats.lsmt_size,
+                             data_bytes=stats.data_bytes, index_entries=stats.index_entries)
+        return self.info
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._zfile is not None:
+            self._zfile.abort()
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> LayerBlobWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.close()  # a clean exit commits the blob; the result is in self.info
