@@ -28,7 +28,7 @@ import certifi
 import requests
 import urllib3
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
-from tenacity.wait import wait_exponential_jitter
+from tenacity.wait import wait_exponential, wait_random
 
 from converter.registry.auth import Challenge, Credentials, load_docker_credentials, parse_challenge
 from converter.registry.errors import (
@@ -250,7 +250,8 @@ class RegistryClient:
 
     def _wait(self, state) -> float:
         exc = state.outcome.exception()
-        backoff = wait_exponential_jitter(initial=self.retry.initial, max=self.retry.max_wait)(state)
+        backoff = (wait_exponential(multiplier=self.retry.initial, max=self.retry.max_wait)
+                   + wait_random(0, self.retry.initial))(state)
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             return min(exc.retry_after, self.retry.max_wait)
         return backoff
