@@ -91,28 +91,28 @@ class StackedReader:
         if offset + length > self.virtual_size:
             raise FormatError(f"stacked read at {offset}, length {length}: beyond virtual size "
                               f"{self.virtual_size}")
-        out = bytearray()
+        parts: list[bytes] = []
         lba, end = offset // SECTOR, (offset + length) // SECTOR
         i = max(bisect_right(self._starts, lba) - 1, 0)
         while lba < end:
             if i >= len(self._pieces) or self._pieces[i][0] >= end:
-                out += bytes((end - lba) * SECTOR)
+                parts.append(bytes((end - lba) * SECTOR))
                 break
             start, plen, moff, zero, src = self._pieces[i]
             if start + plen <= lba:
                 i += 1
                 continue
             if start > lba:
-                out += bytes((start - lba) * SECTOR)
+                parts.append(bytes((start - lba) * SECTOR))
                 lba = start
             n = min(start + plen, end) - lba
             if zero:
-                out += bytes(n * SECTOR)
+                parts.append(bytes(n * SECTOR))
             else:
-                out += self.layers[src].pread_data((moff + lba - start) * SECTOR, n * SECTOR)
+                parts.append(self.layers[src].pread_data((moff + lba - start) * SECTOR, n * SECTOR))
             lba += n
             i += 1
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def materialize(self, out_path: str | os.PathLike[str]) -> None:
         """Write the virtual disk to a sparse raw file: truncate to virtual_size, then write only mapped data

@@ -52,6 +52,7 @@ MAX_GROUP_DELTA = 65535
 MAX_ZFILE_INDEX_SIZE = 1_000_000_000
 CRC_SIZE = 4
 BATCH_BYTES = 1 << 20  # input per compression task: 256 blocks of 4 KiB amortise the per-task overhead
+READ_BATCH_BLOCKS = 256  # blocks per decompression task in large reads
 
 _HT = struct.Struct("<8s16sIIQQQQIIIBBBBIIB7x")
 assert _HT.size == ZF_HEADER_STRUCT_SIZE
@@ -163,32 +164,28 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def compress_batch(chunk: BytesLike, block_size: int, algo: int, verify: bool) -> tuple[bytearray, array]:
+def compress_batch(chunk: BytesLike, block_size: int, algo: int, verify: bool) -> tuple[bytes, array]:
     """Compress `chunk` block by block: (payloads with their CRCs, stored length of each block).
 
     Runs on worker threads; the compressors and crc32c release the GIL while they work."""
     mv = memoryview(chunk)
-    out = bytearray()
+    parts: list[bytes] = []
     lengths = array("I")
     crc = _crc32c.crc32c
     pack = _U32.pack
-    if algo == ALGO_LZ4:
-        compress = lz4.block.compress
-        for i in range(0, len(mv), block_size):
-            c = compress(mv[i:i + block_size], store_size=False)
-            out += c
-            if verify:
-                out += pack(crc(c, _BLOCK_SEED_IN) ^ _MASK)
-            lengths.append(len(c) + CRC_SIZE * verify)
-    else:
-        zc = _zstd_compressor()
-        for i in range(0, len(mv), block_size):
-            c = zc.compress(mv[i:i + block_size])
-            out += c
-            if verify:
-                out += pack(crc(c, _BLOCK_SEED_IN) ^ _MASK)
-            lengths.append(len(c) + CRC_SIZE * verify)
-    return out, lengths
+    compress = _zstd_compressor().compress if algo == ALGO_ZSTD else _lz4_block
+    for i in range(0, len(mv), block_size):
+        c = compress(mv[i:i + block_size])
+        parts.append(c)
+        if verify:
+            parts.append(pack(crc(c, _BLOCK_SEED_IN) ^ _MASK))
+        lengths.append(len(c) + CRC_SIZE * verify)
+    return b"".join(parts), lengths
+
+
+def _lz4_block(data: BytesLike) -> bytes:
+    """LZ4_compress_default output: a raw block, no frame, no size prefix (§2.5)."""
+    return lz4.block.compress(data, store_size=False)
 
 
 @dataclass(frozen=True)
@@ -222,7 +219,7 @@ class ZFileWriter:
         self._batch = max(BATCH_BYTES, block_size)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zfile")
         self._max_inflight = 2 * workers
-        self._inflight: deque[Future[tuple[bytearray, array]]] = deque()
+        self._inflight: deque[Future[tuple[bytes, array]]] = deque()
         self._pending = bytearray()
         self._table = array("I")
         self._in_bytes = 0
@@ -252,7 +249,7 @@ class ZFileWriter:
         while self._inflight and (len(self._inflight) > self._max_inflight or self._inflight[0].done()):
             self._emit(*self._inflight.popleft().result())
 
-    def _emit(self, payload: bytearray, lengths: array) -> None:
+    def _emit(self, payload: bytes, lengths: array) -> None:
         check_jump_lengths(lengths, len(self._table), self.block_size, self.verify, "ZFile writer")
         self._out.write(payload)
         self._payload_bytes += len(payload)
@@ -303,8 +300,10 @@ class ZFileReader:
     valid; per-block CRCs are checked on every read when `verify_blocks` (and the file's verify byte) is set.
     """
 
-    def __init__(self, view: RandomAccess, *, verify_blocks: bool = True) -> None:
+    def __init__(self, view: RandomAccess, *, verify_blocks: bool = True, workers: int | None = None) -> None:
         self.view = view
+        self._workers = workers or os.cpu_count() or 1
+        self._pool: ThreadPoolExecutor | None = None
         self.name = view.name
         if view.size < 2 * ZF_HT_SPACE:
             raise FormatError(f"{self.name}: ZFile of {view.size} bytes is too small for header and trailer")
@@ -381,36 +380,48 @@ class ZFileReader:
         return len(self.offsets) - 1
 
     def decode_blocks(self, first: int, last: int, *, verify: bool | None = None) -> bytes:
-        """Decompress blocks first..last-1 (one read of their compressed span) and return them joined."""
+        """Decompress blocks first..last-1 and return them joined; large spans are cut into READ_BATCH_BLOCKS
+        pieces decoded on a thread pool (os.pread, crc32c and the decompressors release the GIL)."""
         verify = self.verify if verify is None else verify
-        base = self.offsets[first]
-        raw = memoryview(self.view.pread(base, self.offsets[last] - base))
+        if last - first <= READ_BATCH_BLOCKS or self._workers < 2:
+            return b"".join(self._decode_span(first, last, verify))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="zfile-read")
+        spans = range(first, last, READ_BATCH_BLOCKS)
+        parts = self._pool.map(lambda b: self._decode_span(b, min(b + READ_BATCH_BLOCKS, last), verify), spans)
+        return b"".join(block for part in parts for block in part)
+
+    def _decode_span(self, first: int, last: int, verify: bool) -> list[bytes]:
+        offsets = self.offsets
+        base = offsets[first]
+        raw = memoryview(self.view.pread(base, offsets[last] - base))
         bs, crc_len = self.block_size, CRC_SIZE if self.info.verify else 0
+        check_crc = verify and crc_len
         out = []
         crc = _crc32c.crc32c
+        lz4_decompress = lz4.block.decompress if self.info.algo == ALGO_LZ4 else None
+        end = offsets[first] - base
         for b in range(first, last):
-            start, end = self.offsets[b] - base, self.offsets[b + 1] - base - crc_len
-            payload = raw[start:end]
-            if verify and crc_len:
-                stored = _U32.unpack_from(raw, end)[0]
-                if crc(payload, _BLOCK_SEED_IN) ^ _MASK != stored:
-                    raise FormatError(f"{self.name}: ZFile block {b} (bytes {base + start}..{base + end}): "
-                                      f"CRC32C mismatch (stored {stored:#010x}, computed "
-                                      f"{crc32c_raw(payload, ZFILE_BLOCK_CRC_SEED):#010x})")
-            expect = min(bs, self.size - b * bs)
+            start, end = end, offsets[b + 1] - base
+            payload = raw[start:end - crc_len]
+            if check_crc and crc(payload, _BLOCK_SEED_IN) ^ _MASK != _U32.unpack_from(raw, end - crc_len)[0]:
+                stored = _U32.unpack_from(raw, end - crc_len)[0]
+                raise FormatError(f"{self.name}: ZFile block {b} (bytes {base + start}..{base + end}): "
+                                  f"CRC32C mismatch (stored {stored:#010x}, computed "
+                                  f"{crc32c_raw(payload, ZFILE_BLOCK_CRC_SEED):#010x})")
             try:
-                if self.info.algo == ALGO_LZ4:
-                    data = lz4.block.decompress(payload, uncompressed_size=bs)
+                if lz4_decompress is not None:
+                    data = lz4_decompress(payload, uncompressed_size=bs)
                 else:
                     data = _zstd_decompressor().decompress(payload, max_output_size=bs)
             except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
                 raise FormatError(f"{self.name}: ZFile block {b} (bytes {base + start}..{base + end}): "
                                   f"does not decompress: {exc}") from None
-            if len(data) != expect:
+            if len(data) != bs and len(data) != self.size - b * bs:
                 raise FormatError(f"{self.name}: ZFile block {b}: decompressed to {len(data)} bytes, "
-                                  f"expected {expect}")
+                                  f"expected {min(bs, self.size - b * bs)}")
             out.append(data)
-        return b"".join(out)
+        return out
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -431,4 +442,7 @@ class ZFileReader:
         return self.blocks
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self.view.close()
