@@ -546,25 +546,25 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _chunks(self, source: BinaryIO | Iterable[bytes]) -> Iterator[bytes]:
+        """Chunks of at least ``chunk_size`` bytes (the last may be shorter), with as few copies as
+        possible: a PATCH may have any length, so pieces are joined, never split."""
         if hasattr(source, "read"):
-            # read() may return less than asked (raw streams, sockets): fill each chunk.
-            buffer = bytearray()
-            while piece := source.read(self.chunk_size - len(buffer)):
-                buffer += piece
-                if len(buffer) == self.chunk_size:
-                    yield bytes(buffer)
-                    buffer.clear()
-            if buffer:
-                yield bytes(buffer)
-            return
-        buffer = bytearray()
-        for piece in source:
-            buffer += piece
-            while len(buffer) >= self.chunk_size:
-                yield bytes(buffer[: self.chunk_size])
-                del buffer[: self.chunk_size]
-        if buffer:
-            yield bytes(buffer)
+            pieces: Iterable[bytes] = iter(lambda: source.read(self.chunk_size), b"")
+        else:
+            pieces = source
+        parts: list[bytes] = []
+        length = 0
+        for piece in pieces:
+            if piece:
+                parts.append(piece)
+                length += len(piece)
+            if length >= self.chunk_size:
+                chunk = b"".join(parts)  # a single full read is passed on without a copy
+                parts, length = [], 0  # drop the pieces before the chunk is sent
+                yield chunk
+                del chunk  # the caller is done with it: free it before building the next one
+        if parts:
+            yield b"".join(parts)
 
     def _verify_upload(self, repo: str, computed: str, length: int, digest: str | None, size: int | None) -> None:
         if digest is not None and digest != computed:
@@ -615,17 +615,17 @@ class RegistryClient:
 
     def _upload_chunked(self, repo: str, chunks: Iterator[bytes], digest: str | None, size: int | None) -> str:
         hasher = hashlib.sha256()
-        first = next(chunks, b"")
-        second = next(chunks, None)
-        if second is None:  # everything fitted in one chunk: a single PUT is cheaper
-            return self._upload_monolithic(repo, first, digest, size)
+        pending = [next(chunks, b"")]
+        if len(pending[0]) < self.chunk_size:  # the whole source fitted in one chunk: one PUT is cheaper
+            return self._upload_monolithic(repo, pending[0], digest, size)
         location = self._start_upload(repo)
         offset = 0
         try:
-            for chunk in self._prepend(first, second, chunks):
+            for chunk in self._drain(pending, chunks):
                 location = self._patch(repo, location, chunk, offset)
                 hasher.update(chunk)
                 offset += len(chunk)
+                del chunk  # let the generator free this chunk before it builds the next
             computed = f"sha256:{hasher.hexdigest()}"
             self._verify_upload(repo, computed, offset, digest, size)
         except (RegistryPermanentError, _UploadLost):
@@ -635,9 +635,9 @@ class RegistryClient:
         return computed
 
     @staticmethod
-    def _prepend(first: bytes, second: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-        yield first
-        yield second
+    def _drain(pending: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+        while pending:
+            yield pending.pop(0)
         yield from rest
 
     def _patch(self, repo: str, location: str, chunk: bytes, offset: int) -> str:
