@@ -167,6 +167,9 @@ class LayerApplier:
                 if existing is not None:
                     fs.remove(parent, base)
                 fs.add_hardlink(parent, base, fs.inodes[target_ino])
+            # Like overlaybd-apply (and the real tools' output), the hardlink header's metadata is
+            # applied to the shared inode; tar writers emit the same inode metadata for both names.
+            self._set_metadata(fs.inodes[target_ino], entry)
         else:
             if existing is not None:
                 fs.remove(parent, base)
@@ -255,14 +258,10 @@ class LayerApplier:
         end_prev = 0
         for off, n in segments:
             if off < end_prev or off + n > entry.realsize:
-                raise Ext4Error(
-                    f"GNU sparse map is unsorted, overlapping or beyond the file size at offset {off}"
-                )
+                raise Ext4Error(f"GNU sparse map is unsorted, overlapping or beyond the file size at offset {off}")
             end_prev = off + n
         if sum(n for _, n in segments) != entry.size:
-            raise Ext4Error(
-                f"GNU sparse map covers {sum(n for _, n in segments)} bytes but {entry.size} are stored"
-            )
+            raise Ext4Error(f"GNU sparse map covers {sum(n for _, n in segments)} bytes but {entry.size} are stored")
         # Block ranges covering the segments, merged where they touch.
         ranges: list[list[int]] = []
         for off, n in segments:

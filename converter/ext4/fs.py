@@ -191,9 +191,7 @@ class Inode:
         "xattrs",
     )
 
-    def __init__(
-        self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0
-    ) -> None:
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
         self.ino = ino
         self.mode = mode
         self.uid = uid
@@ -338,9 +336,7 @@ class Filesystem:
     # ------------------------------------------------------------------ allocation
 
     def _mark_block_groups(self, start: int, count: int) -> None:
-        self.dirty_block_groups.update(
-            range(start // BLOCKS_PER_GROUP, (start + count - 1) // BLOCKS_PER_GROUP + 1)
-        )
+        self.dirty_block_groups.update(range(start // BLOCKS_PER_GROUP, (start + count - 1) // BLOCKS_PER_GROUP + 1))
 
     def allocate_blocks(self, count: int) -> list[tuple[int, int]]:
         """Next-fit allocation of `count` blocks as few contiguous runs as the free space allows."""
@@ -384,9 +380,7 @@ class Filesystem:
         if bit is None:
             bit = self.inode_map.find_clear(FIRST_INO - 1, total)
             if bit is None:
-                raise FilesystemFullError(
-                    f"no free inodes: all {total} are in use (raise the virtual size, --vsize)"
-                )
+                raise FilesystemFullError(f"no free inodes: all {total} are in use (raise the virtual size, --vsize)")
         self.inode_map.set_range(bit, 1)
         self._inode_cursor = bit + 1
         group = bit // self.geo.inodes_per_group
@@ -646,18 +640,12 @@ class Filesystem:
         if len(inode.tree_blocks) != needed:
             for run in _runs_of(inode.tree_blocks):
                 self.free_block_run(*run)
-            inode.tree_blocks = [
-                b for start, n in self.allocate_blocks(needed) for b in range(start, start + n)
-            ]
+            inode.tree_blocks = [b for start, n in self.allocate_blocks(needed) for b in range(start, start + n)]
         if depth == 0:
             return pack_extent_node([e.pack() for e in extents], EXTENTS_IN_INODE, 0, 60)
         leaf_blocks = inode.tree_blocks[: len(leaves)]
-        data = [
-            pack_extent_node([e.pack() for e in leaf], EXTENTS_PER_BLOCK, 0, BLOCK_SIZE) for leaf in leaves
-        ]
-        refs = [
-            pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, leaf_blocks, strict=True)
-        ]
+        data = [pack_extent_node([e.pack() for e in leaf], EXTENTS_PER_BLOCK, 0, BLOCK_SIZE) for leaf in leaves]
+        refs = [pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, leaf_blocks, strict=True)]
         blocks = list(leaf_blocks)
         if depth == 2:
             index_blocks_nr = inode.tree_blocks[len(leaves) :]

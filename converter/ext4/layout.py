@@ -487,9 +487,7 @@ class RawInode:
             generation=generation,
             file_acl=acl_lo | (acl_hi << 32),
         )
-        extra_isize = (
-            struct.unpack_from("<H", raw, GOOD_OLD_INODE_SIZE)[0] if len(raw) > GOOD_OLD_INODE_SIZE else 0
-        )
+        extra_isize = struct.unpack_from("<H", raw, GOOD_OLD_INODE_SIZE)[0] if len(raw) > GOOD_OLD_INODE_SIZE else 0
         if extra_isize >= EXTRA_ISIZE:
             e = INODE_EXTRA.unpack_from(raw, GOOD_OLD_INODE_SIZE)
             ino.ctime_extra, ino.mtime_extra, ino.atime_extra, ino.crtime, ino.crtime_extra = e[2:7]

@@ -96,9 +96,7 @@ def _parse_number(field_bytes: bytes, what: str, offset: int) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise TarFormatError(
-            f"tar header at offset {offset}: field {what} is not a number: {text!r}"
-        ) from None
+        raise TarFormatError(f"tar header at offset {offset}: field {what} is not a number: {text!r}") from None
 
 
 def _cstr(b: bytes) -> bytes:
@@ -241,9 +239,7 @@ class TarReader:
                 else:
                     long_link = _cstr(data)
                 continue
-            entry = self._build_entry(
-                header, typeflag, size, offset, {**self._global, **pax}, long_name, long_link
-            )
+            entry = self._build_entry(header, typeflag, size, offset, {**self._global, **pax}, long_name, long_link)
             self.current = entry
             self._pending = size + (-size % BLOCK)
             self._data_left = size
@@ -266,9 +262,7 @@ class TarReader:
         try:
             expected = int(text, 8)
         except ValueError:
-            raise TarFormatError(
-                f"invalid tar header at offset {offset}: checksum field {stored!r}"
-            ) from None
+            raise TarFormatError(f"invalid tar header at offset {offset}: checksum field {stored!r}") from None
         blanked = header[:148] + b" " * 8 + header[156:]
         unsigned = sum(blanked)
         signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
@@ -317,12 +311,8 @@ class TarReader:
             size=size,
             mtime=_parse_number(header[136:148], "mtime", offset),
             linkname=linkname,
-            devmajor=_parse_number(header[329:337], "devmajor", offset)
-            if typeflag in (CHARDEV, BLOCKDEV)
-            else 0,
-            devminor=_parse_number(header[337:345], "devminor", offset)
-            if typeflag in (CHARDEV, BLOCKDEV)
-            else 0,
+            devmajor=_parse_number(header[329:337], "devmajor", offset) if typeflag in (CHARDEV, BLOCKDEV) else 0,
+            devminor=_parse_number(header[337:345], "devminor", offset) if typeflag in (CHARDEV, BLOCKDEV) else 0,
             offset=offset,
         )
         if "mtime" in pax:

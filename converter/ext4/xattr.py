@@ -88,9 +88,7 @@ def acl_xattr_to_disk(value: bytes) -> bytes:
         if tag not in _ACL_TAGS:
             raise XattrError(f"malformed POSIX ACL: unknown tag {tag:#x}")
         out.append(
-            struct.pack("<HHI", tag, perm, ident)
-            if tag in (ACL_USER, ACL_GROUP)
-            else struct.pack("<HH", tag, perm)
+            struct.pack("<HHI", tag, perm, ident) if tag in (ACL_USER, ACL_GROUP) else struct.pack("<HH", tag, perm)
         )
     return b"".join(out)
 
