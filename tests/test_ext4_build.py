@@ -96,8 +96,10 @@ def test_real_tools_layers_give_the_reference_tree(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # every entry type, metadata and layer semantics
 
-ACL = bytes.fromhex("02000000" + "0100" + "0600" + "ffffffff" + "0200" + "0400" + "e8030000"
-                    + "0400" + "0400" + "ffffffff" + "1000" + "0600" + "ffffffff" + "2000" + "0400" + "ffffffff")  # fmt: skip
+# A POSIX ACL in the Linux xattr form: user::rw-, user:1000:r--, group::r--, mask::rw-, other::r--
+ACL = bytes.fromhex(
+    "02000000" "01000600ffffffff" "02000400e8030000" "04000400ffffffff" "10000600ffffffff" "20000400ffffffff"
+)
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
@@ -130,7 +132,7 @@ def torture_layers() -> list[bytes]:
             L.char("dev/bignum", 300, 70000, mode=0o600),
             L.fifo("run/fifo", mode=0o600),
             L.file("implicit/parents/are/created", b"p"),
-            L.file("ünïcødé/名前.txt", "ok".encode()),
+            L.file("ünïcødé/名前.txt", b"ok"),
             L.file("n" * 255, b"255 bytes"),
             L.file("/".join(["deep"] * 40) + "/leaf", b"deep"),
             L.dir("opaque/keep-dir"),
