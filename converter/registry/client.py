@@ -360,6 +360,7 @@ class RegistryClient:
                 learned = self._learn(response, scopes)
                 if learned is not None:
                     response.close()
+                    self._tokens.pop(frozenset(scopes), None)  # expired or too narrow: never reuse it
                     scopes, refreshed = learned, True
                     continue
             break
