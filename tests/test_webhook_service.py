@@ -67,6 +67,7 @@ def test_burst_of_200_with_kill9_then_restart_converts_every_accepted_event_once
             thread.start()
         wait_until(lambda: len(acknowledged) >= 100, timeout=60, what="100 acknowledged events")
         service.kill9()
+        killed_pids = {r["pid"] for r in read_records(record)}
         for thread in threads:
             thread.join(30)
         assert 100 <= len(acknowledged) < 200, "the kill should land in the middle of the burst"
@@ -81,9 +82,19 @@ def test_burst_of_200_with_kill9_then_restart_converts_every_accepted_event_once
                    interval=0.5, what="200 succeeded jobs")
         all_jobs = jobs(service)
         assert sorted(j["event_id"] for j in all_jobs) == sorted(e["id"] for e in events)
-        done = Counter(r["job"] for r in read_records(record) if r["event"] == "done")
-        assert set(done) == {j["id"] for j in all_jobs}
-        assert set(done.values()) == {1}, "every job converted exactly once"
+        done = [r for r in read_records(record) if r["event"] == "done"]
+        per_job = Counter(r["job"] for r in done)
+        assert set(per_job) == {j["id"] for j in all_jobs}
+        # A conversion that finished in the instant between its result and the kill is done again after
+        # the restart (conversions are idempotent); only the 2 workers' in-flight jobs can be affected.
+        repeated = {job for job, n in per_job.items() if n > 1}
+        assert len(repeated) <= 2 and max(per_job.values()) <= 2
+        for job in repeated:
+            pids = [r["pid"] for r in done if r["job"] == job]
+            assert pids[0] in killed_pids and pids[1] not in killed_pids
+        for job in all_jobs:  # the store recorded exactly one success per job
+            detail = requests.get(f"{service.url}/api/v1/conversions/{job['id']}", headers=AUTH, timeout=5).json()
+            assert [a["outcome"] for a in detail["attempt_log"]].count("succeeded") == 1
     finally:
         service.stop()
 
