@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from types import TracebackType
@@ -46,6 +47,17 @@ def sha256_file(fd: int) -> str:
     return "sha256:" + h.hexdigest()
 
 
+class _FullWriteFile(io.FileIO):
+    """An unbuffered file whose write() never stops short (a raw write may write less than asked)."""
+
+    def write(self, data: BytesLike) -> int:  # type: ignore[override]
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            done += super().write(mv[done:]) or 0
+        return done
+
+
 class LayerBlobWriter:
     """Writes one overlaybd layer blob (reference §6 steps 2-4) to `path`.
 
@@ -66,7 +78,8 @@ class LayerBlobWriter:
         self._zfile: ZFileWriter | None = None
         self._done = False
         self.info: BlobInfo | None = None  # set by close()
-        self._file = open(self.path, "w+b")  # noqa: SIM115 - owned until close()/abort()
+        # unbuffered: the ZFile writer passes whole compressed batches to os.writev
+        self._file = _FullWriteFile(self.path, "w+")
         try:
             self._data_offset = WRAPPERS[wrapper][0] if wrapper != "none" else 0
             self._file.write(bytes(self._data_offset))  # tar headers: patched at close

@@ -7,6 +7,8 @@ frame, no size prefix) or zstd frames; there is no "stored" escape.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import struct
 import sys
@@ -61,6 +63,7 @@ _U32 = struct.Struct("<I")
 _MASK = 0xFFFFFFFF
 _BLOCK_SEED_IN = ~ZFILE_BLOCK_CRC_SEED & _MASK  # crc32c_raw inlined in the hot loops (see crc.py)
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"  # array("I") is native-endian, the jump table is LE
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 @dataclass(frozen=True)
@@ -164,28 +167,28 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def compress_batch(chunk: BytesLike, block_size: int, algo: int, verify: bool) -> tuple[bytes, array]:
-    """Compress `chunk` block by block: (payloads with their CRCs, stored length of each block).
+def compress_batch(chunk: BytesLike, block_size: int, algo: int, verify: bool) -> tuple[list[bytes], array]:
+    """Compress `chunk` block by block: (payloads, each followed by its CRC, in order; stored lengths).
 
-    Runs on worker threads; the compressors and crc32c release the GIL while they work."""
+    Runs on worker threads; the compressors and crc32c release the GIL while they work. The parts are
+    not joined here: the writer hands them to one writev, saving a copy of the whole output."""
     mv = memoryview(chunk)
     parts: list[bytes] = []
     lengths = array("I")
     crc = _crc32c.crc32c
     pack = _U32.pack
-    compress = _zstd_compressor().compress if algo == ALGO_ZSTD else _lz4_block
+    compress = _zstd_compressor().compress if algo == ALGO_ZSTD else _LZ4_BLOCK
     for i in range(0, len(mv), block_size):
         c = compress(mv[i:i + block_size])
         parts.append(c)
         if verify:
             parts.append(pack(crc(c, _BLOCK_SEED_IN) ^ _MASK))
         lengths.append(len(c) + CRC_SIZE * verify)
-    return b"".join(parts), lengths
+    return parts, lengths
 
 
-def _lz4_block(data: BytesLike) -> bytes:
-    """LZ4_compress_default output: a raw block, no frame, no size prefix (§2.5)."""
-    return lz4.block.compress(data, store_size=False)
+# LZ4_compress_default output: a raw block, no frame, no size prefix (§2.5); partial keeps the call in C
+_LZ4_BLOCK = functools.partial(lz4.block.compress, store_size=False)
 
 
 @dataclass(frozen=True)
@@ -219,26 +222,31 @@ class ZFileWriter:
         self._batch = max(BATCH_BYTES, block_size)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zfile")
         self._max_inflight = 2 * workers
-        self._inflight: deque[Future[tuple[bytes, array]]] = deque()
+        self._inflight: deque[Future[tuple[list[bytes], array]]] = deque()
         self._pending = bytearray()
         self._table = array("I")
         self._in_bytes = 0
         self._payload_bytes = 0
+        # an unbuffered file gets the compressed parts by os.writev; anything else by write()
+        self._fd = out.fileno() if isinstance(out, io.FileIO) else None
         out.write(bytes(ZF_HT_SPACE))
 
     def write(self, data: BytesLike) -> None:
-        """Append bytes; they are copied (or compressed) before this returns, so the buffer may be reused."""
+        """Append bytes. They are copied or compressed before this returns, so the caller may reuse its
+        buffer; immutable `bytes` input is handed to the workers without a copy."""
         mv = memoryview(data).cast("B")
         if self._pending:
-            take = self._batch - len(self._pending)
+            if len(self._pending) + len(mv) < self._batch:
+                self._pending += mv
+                return
+            take = -len(self._pending) % self.block_size  # complete the pending block, then flush it
             self._pending += mv[:take]
             mv = mv[take:]
-            if len(self._pending) < self._batch:
-                return
             chunk, self._pending = self._pending, bytearray()
             self._submit(chunk)
+        immutable = isinstance(mv.obj, bytes)
         while len(mv) >= self._batch:
-            self._submit(bytes(mv[:self._batch]))
+            self._submit(mv[:self._batch] if immutable else bytes(mv[:self._batch]))
             mv = mv[self._batch:]
         if len(mv):
             self._pending += mv
@@ -249,10 +257,12 @@ class ZFileWriter:
         while self._inflight and (len(self._inflight) > self._max_inflight or self._inflight[0].done()):
             self._emit(*self._inflight.popleft().result())
 
-    def _emit(self, payload: bytes, lengths: array) -> None:
-        check_jump_lengths(lengths, len(self._table), self.block_size, self.verify, "ZFile writer")
-        self._out.write(payload)
-        self._payload_bytes += len(payload)
+    def _emit(self, parts: list[bytes], lengths: array) -> None:
+        if self._fd is None:
+            self._out.write(b"".join(parts))
+        else:
+            _writev_all(self._fd, parts)
+        self._payload_bytes += sum(lengths)
         self._table.extend(lengths)
 
     def close(self) -> ZFileStats:
@@ -262,6 +272,7 @@ class ZFileWriter:
         while self._inflight:
             self._emit(*self._inflight.popleft().result())
         self._pool.shutdown()
+        check_jump_lengths(self._table, 0, self.block_size, self.verify, "ZFile writer")
         table = self._table.tobytes() if _LITTLE_ENDIAN_HOST else _le_table(self._table)
         index_offset = ZF_HT_SPACE + self._payload_bytes
         info = ZFileHeaderTrailer(flags=HEADER_FLAGS_FINAL, index_offset=index_offset,
@@ -281,6 +292,19 @@ class ZFileWriter:
             fut.cancel()
         self._inflight.clear()
         self._pool.shutdown(wait=True)
+
+
+def _writev_all(fd: int, parts: list[bytes]) -> None:
+    """writev the parts in IOV_MAX-sized groups, resuming after partial writes."""
+    for g in range(0, len(parts), _IOV_MAX):
+        group = parts[g:g + _IOV_MAX]
+        while group:
+            n = os.writev(fd, group)
+            while group and n >= len(group[0]):
+                n -= len(group[0])
+                group.pop(0)
+            if group and n:
+                group[0] = group[0][n:]
 
 
 def _le_table(table: array) -> bytes:
