@@ -87,14 +87,14 @@ def test_wrong_password_fails_fast(variant, request) -> None:
 
 def test_token_expiring_mid_transfer(registry_factory) -> None:
     reg = registry_factory(auth="token")
-    # JWTs expire 58 s in the past: with the registry's 60 s leeway they live ~2 s, while the client
+    # JWTs expire 57 s in the past: with the registry's 60 s leeway they live 2-3 s, while the client
     # is told they last 5 minutes, so it only learns of the expiry from a 401 in the middle of an upload.
-    reg.token_server.lifetime, reg.token_server.advertised_lifetime = -58, 300
-    data = os.urandom(12 * 65536)
+    reg.token_server.lifetime, reg.token_server.advertised_lifetime = -57, 300
+    data = os.urandom(10 * 65536)
 
     def slow():
         for piece in pieces(data, 65536):
-            time.sleep(0.35)
+            time.sleep(0.45)
             yield piece
 
     with client_for(reg, chunk_size=65536) as client:
