@@ -57,9 +57,12 @@ class StackedReader:
                     layer = open_layer(item, verify_blocks=verify_blocks)
                     self._owned.append(layer)
                     self.layers.append(layer)
+            self._merge()
         except BaseException:
             self.close()
             raise
+
+    def _merge(self) -> None:
         sizes = [layer.virtual_size for layer in self.layers if layer.virtual_size > 0]
         self.virtual_size: int = sizes[-1] if sizes else 0  # the topmost layer with a size wins
         total = sum(len(layer) for layer in self.layers)

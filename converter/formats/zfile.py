@@ -317,6 +317,19 @@ def _le_table(table: array) -> bytes:
 # Reader
 
 
+_read_pool_lock = threading.Lock()
+_read_executor: ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """One decompression pool for all readers (a stack may hold up to 255 of them), sized to the cores."""
+    global _read_executor
+    with _read_pool_lock:
+        if _read_executor is None:
+            _read_executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="zfile-read")
+        return _read_executor
+
+
 class ZFileReader:
     """Random-access decompressing view of a ZFile, validated as overlaybd's load_jump_table does (§2.6).
 
@@ -324,10 +337,8 @@ class ZFileReader:
     valid; per-block CRCs are checked on every read when `verify_blocks` (and the file's verify byte) is set.
     """
 
-    def __init__(self, view: RandomAccess, *, verify_blocks: bool = True, workers: int | None = None) -> None:
+    def __init__(self, view: RandomAccess, *, verify_blocks: bool = True) -> None:
         self.view = view
-        self._workers = workers or os.cpu_count() or 1
-        self._pool: ThreadPoolExecutor | None = None
         self.name = view.name
         if view.size < 2 * ZF_HT_SPACE:
             raise FormatError(f"{self.name}: ZFile of {view.size} bytes is too small for header and trailer")
@@ -407,12 +418,10 @@ class ZFileReader:
         """Decompress blocks first..last-1 and return them joined; large spans are cut into READ_BATCH_BLOCKS
         pieces decoded on a thread pool (os.pread, crc32c and the decompressors release the GIL)."""
         verify = self.verify if verify is None else verify
-        if last - first <= READ_BATCH_BLOCKS or self._workers < 2:
+        if last - first <= READ_BATCH_BLOCKS or (os.cpu_count() or 1) < 2:
             return b"".join(self._decode_span(first, last, verify))
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="zfile-read")
         spans = range(first, last, READ_BATCH_BLOCKS)
-        parts = self._pool.map(lambda b: self._decode_span(b, min(b + READ_BATCH_BLOCKS, last), verify), spans)
+        parts = _read_pool().map(lambda b: self._decode_span(b, min(b + READ_BATCH_BLOCKS, last), verify), spans)
         return b"".join(block for part in parts for block in part)
 
     def _decode_span(self, first: int, last: int, verify: bool) -> list[bytes]:
@@ -466,7 +475,4 @@ class ZFileReader:
         return self.blocks
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
         self.view.close()
