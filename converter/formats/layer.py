@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import mmap
 import os
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,7 +22,7 @@ from .tarwrap import WRAPPERS, tar_suffix
 from .zfile import DEFAULT_BLOCK_SIZE, ZFileWriter
 
 WRAPPER_CHOICES = ("pax", "ustar", "none")
-HASH_BUFFER = 4 << 20
+HASH_WINDOW = 32 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,15 @@ class BlobInfo:
 
 
 def sha256_file(fd: int) -> str:
-    """sha256 of a whole file, read with preadv into one reused 4 MiB buffer (bounded memory: an mmap would
-    count the whole blob into RSS); hashlib releases the GIL and uses SHA-NI through OpenSSL."""
+    """sha256 of a whole file, hashed straight from the page cache through HASH_WINDOW-sized mmaps: no
+    copy into a Python buffer, and at most one window counted into RSS (one mmap of the whole blob would
+    count all of it). hashlib releases the GIL and uses SHA-NI through OpenSSL."""
     h = hashlib.sha256()
-    buf = bytearray(HASH_BUFFER)
-    view = memoryview(buf)
-    offset = 0
-    while n := os.preadv(fd, [buf], offset):
-        h.update(view[:n])
-        offset += n
+    size = os.fstat(fd).st_size
+    for offset in range(0, size, HASH_WINDOW):
+        with mmap.mmap(fd, min(HASH_WINDOW, size - offset), access=mmap.ACCESS_READ, offset=offset) as window:
+            window.madvise(mmap.MADV_SEQUENTIAL)
+            h.update(window)
     return "sha256:" + h.hexdigest()
 
 
