@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .common import SECTOR, BytesLike, FormatError, RandomAccess
+from .tarwrap import TarWrapping
+from .zfile import ZFileReader
 
 LSMT_MAGIC0 = b"LSMT\x00\x01\x02\x00"
 LSMT_MAGIC1 = bytes.fromhex("657E63D29444084CA2D2C8EC4FCFAE8A")
@@ -312,8 +314,8 @@ class LsmtLayer:
     describe what it was unwrapped from, for inspection. The index lives in compact arrays.
     """
 
-    def __init__(self, view: RandomAccess, *, wrapper: object = None, zfile: object = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, view: RandomAccess, *, wrapper: TarWrapping | None = None,
+                 zfile: ZFileReader | None = None, on_close: Callable[[], None] | None = None) -> None:
         self.view = view
         self.name = view.name
         self.wrapper = wrapper
