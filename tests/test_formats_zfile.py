@@ -11,6 +11,7 @@ from pathlib import Path
 import lz4.block
 import pytest
 
+from converter.formats import zfile as zfile_module
 from converter.formats.common import FileView, FormatError
 from converter.formats.crc import ZFILE_BLOCK_CRC_SEED, crc32c_raw
 from converter.formats.zfile import (
@@ -223,3 +224,22 @@ def test_block_crc_checked_only_on_demand(tmp_path: Path, good: tuple[bytes, byt
     first_len = struct.unpack("<I", raw[header.index_offset:header.index_offset + 4])[0]
     damaged = flip(raw, 512 + first_len - 1)  # only the stored CRC of block 0 is wrong
     assert open_zfile(tmp_path, damaged, verify_blocks=False).pread(0, 4096) == data[:4096]
+
+
+def test_writev_resumes_after_partial_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short writes (allowed for any write syscall) must not lose or repeat bytes."""
+    real_writev = os.writev
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:
+        return real_writev(fd, [bytes(memoryview(b"".join(bytes(x) for x in buffers))[:7])])
+
+    monkeypatch.setattr(zfile_module.os, "writev", short_writev)
+    monkeypatch.setattr(zfile_module, "_IOV_MAX", 3)
+    parts = [os.urandom(n) for n in (1, 50, 3, 700, 2, 9, 7, 14)]
+    path = tmp_path / "wv.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        zfile_module._writev_all(fd, parts)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(parts)

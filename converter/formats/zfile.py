@@ -295,16 +295,18 @@ class ZFileWriter:
 
 
 def _writev_all(fd: int, parts: list[bytes]) -> None:
-    """writev the parts in IOV_MAX-sized groups, resuming after partial writes."""
-    for g in range(0, len(parts), _IOV_MAX):
-        group = parts[g:g + _IOV_MAX]
-        while group:
-            n = os.writev(fd, group)
-            while group and n >= len(group[0]):
-                n -= len(group[0])
-                group.pop(0)
-            if group and n:
-                group[0] = group[0][n:]
+    """writev the parts, at most IOV_MAX per call, resuming after partial writes."""
+    pending: list[BytesLike] = list(parts)
+    i = 0
+    while i < len(pending):
+        n = os.writev(fd, pending[i:i + _IOV_MAX])
+        if n <= 0:
+            raise OSError(f"writev wrote nothing ({n}) with {len(pending) - i} parts left")
+        while i < len(pending) and n >= len(pending[i]):
+            n -= len(pending[i])
+            i += 1
+        if n:
+            pending[i] = memoryview(pending[i])[n:]
 
 
 def _le_table(table: array) -> bytes:
