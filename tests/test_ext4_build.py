@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from converter.ext4 import ImageBuilder, LayerApplyError, RawDisk
+from converter.formats.layer import LayerBlobWriter
+from converter.formats.stack import StackedReader
 from tests import ext4_judge as judge
 from tests.harness import layers as L
 
@@ -24,19 +26,24 @@ needs_mount = pytest.mark.skipif(not judge.can_mount(), reason="loop mounts need
 
 
 def build(tmp_path: Path, layers: list[bytes], *, vsize: int = VSIZE, check_each: bool = True) -> Path:
-    """Apply layers to a raw disk; after each one the disk must be e2fsck-clean and match the model."""
+    """Convert layers into real overlaybd layer blobs; after each one, stack the blobs with our reader,
+    materialise the disk and require it to be e2fsck-clean and to match the independent OCI model."""
     disk = tmp_path / "disk.raw"
     builder = ImageBuilder(vsize)
-    with RawDisk(disk, vsize) as raw:
-        for k, layer in enumerate(layers):
-            builder.apply_layer(io.BytesIO(layer), raw, label=str(k + 1))
-            if check_each or k == len(layers) - 1:
-                judge.e2fsck(disk)
-                expected = judge.expected_tree(layers[: k + 1])
-                judge.assert_same_tree(judge.debugfs_tree(disk), expected, fields=DEBUGFS_FIELDS)
-                if judge.can_mount():
-                    with judge.mounted(disk) as root:
-                        judge.assert_same_tree(judge.kernel_tree(root), expected)
+    blobs = []
+    for k, layer in enumerate(layers):
+        with LayerBlobWriter(tmp_path / f"layer{k}.obd", virtual_size=vsize) as writer:
+            builder.apply_layer(io.BytesIO(layer), writer, label=str(k + 1))
+        blobs.append(writer.info)
+        if check_each or k == len(layers) - 1:
+            with StackedReader([b.path for b in blobs]) as stack:
+                stack.materialize(disk)
+            judge.e2fsck(disk)
+            expected = judge.expected_tree(layers[: k + 1])
+            judge.assert_same_tree(judge.debugfs_tree(disk), expected, fields=DEBUGFS_FIELDS)
+            if judge.can_mount():
+                with judge.mounted(disk) as root:
+                    judge.assert_same_tree(judge.kernel_tree(root), expected)
     return disk
 
 
@@ -97,9 +104,7 @@ def test_real_tools_layers_give_the_reference_tree(tmp_path: Path) -> None:
 # every entry type, metadata and layer semantics
 
 # A POSIX ACL in the Linux xattr form: user::rw-, user:1000:r--, group::r--, mask::rw-, other::r--
-ACL = bytes.fromhex(
-    "02000000" "01000600ffffffff" "02000400e8030000" "04000400ffffffff" "10000600ffffffff" "20000400ffffffff"
-)
+ACL = bytes.fromhex("0200000001000600ffffffff02000400e803000004000400ffffffff10000600ffffffff20000400ffffffff")
 CAPABILITY = bytes.fromhex("0100000200200000000000000000000000000000")
 
 

@@ -3,6 +3,7 @@
 from .apply import LayerApplyError, LayerStats
 from .builder import DEFAULT_VSIZE, ImageBuilder, derive_fs_ids
 from .fs import BlockSink, Ext4Error, Filesystem, FilesystemFullError
+from .load import load_filesystem
 from .rawdisk import RawDisk
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "LayerStats",
     "RawDisk",
     "derive_fs_ids",
+    "load_filesystem",
 ]

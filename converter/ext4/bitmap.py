@@ -65,5 +65,17 @@ class Bitmap:
             pos = m.start() << 3
         return None
 
+    def find_last_set(self, start: int, end: int) -> int | None:
+        """Last set bit in [start, end), or None."""
+        pos = end - 1
+        while pos >= start:
+            if pos & 7 == 7 and pos - 7 >= start and self.bits[pos >> 3] == 0:
+                pos -= 8
+                continue
+            if self.test(pos):
+                return pos
+            pos -= 1
+        return None
+
     def count_set(self, start_byte: int, end_byte: int) -> int:
         return int.from_bytes(self.bits[start_byte:end_byte], "little").bit_count()

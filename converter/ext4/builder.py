@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from .apply import LayerApplier, LayerApplyError, LayerStats
 from .fs import BlockSink, Filesystem
+from .load import Disk, load_filesystem
 
 DEFAULT_VSIZE = 64 << 30
 
@@ -38,6 +39,17 @@ class ImageBuilder:
         self.fs: Filesystem | None = None
         self.layers_applied = 0
         self._failed: str | None = None
+
+    @classmethod
+    def from_disk(cls, disk: Disk) -> ImageBuilder:
+        """Continue an existing filesystem: lower layers converted before, or a mke2fs base layer.
+
+        `disk` serves reads of the virtual disk (a StackedReader over the lower blobs, a RawDisk, ...).
+        """
+        fs = load_filesystem(disk)
+        builder = cls(fs.geo.blocks_count * 4096, fs_uuid=fs.sb.s_uuid, hash_seed=fs.sb.s_hash_seed)
+        builder.fs = fs
+        return builder
 
     def apply_layer(self, stream: BinaryIO, sink: BlockSink, label: str | None = None) -> LayerStats:
         if self._failed is not None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Protocol
 
 from . import xattr as xattrs_mod
 from .bitmap import Bitmap
-from .hashing import dx_hash, seed_words
+from .hashing import dx_hash_many, seed_words
 from .layout import (
+    BG_BLOCK_UNINIT,
+    BG_INODE_UNINIT,
     BLOCK_SIZE,
     COMPAT_DIR_INDEX,
     COMPAT_EXT_ATTR,
@@ -41,6 +42,7 @@ from .layout import (
     EXT_MAX_INIT_LEN,
     EXTENTS_IN_INODE,
     EXTENTS_PER_BLOCK,
+    EXTRA_ISIZE,
     FAST_SYMLINK_MAX,
     FILE_TYPE_OF_MODE,
     FIRST_INO,
@@ -49,9 +51,12 @@ from .layout import (
     INCOMPAT_EXTENTS,
     INCOMPAT_FILETYPE,
     INCOMPAT_FLEX_BG,
+    INODE_CORE,
+    INODE_EXTRA,
     INODE_SIZE,
     RO_COMPAT_DIR_NLINK,
     RO_COMPAT_EXTRA_ISIZE,
+    RO_COMPAT_GDT_CSUM,
     RO_COMPAT_HUGE_FILE,
     RO_COMPAT_LARGE_FILE,
     RO_COMPAT_SPARSE_SUPER,
@@ -65,7 +70,6 @@ from .layout import (
     SUPERBLOCK_OFFSET,
     Extent,
     GroupDesc,
-    RawInode,
     Superblock,
     dirent_size,
     encode_time,
@@ -79,6 +83,7 @@ INODE_RATIO = 16384
 RESERVED_PERCENT = 5
 LOG_GROUPS_PER_FLEX = 4
 INODES_PER_TABLE_BLOCK = BLOCK_SIZE // INODE_SIZE
+_INODE_HEAD = struct.Struct("<" + INODE_CORE.format.lstrip("<") + INODE_EXTRA.format.lstrip("<"))
 
 
 class Ext4Error(Exception):
@@ -226,11 +231,6 @@ class Inode:
         return kind in (S_IFREG, S_IFDIR) or (kind == S_IFLNK and len(self.target) > FAST_SYMLINK_MAX)
 
 
-@lru_cache(maxsize=1 << 18)
-def _hash_name(name: bytes, seed: tuple[int, int, int, int]) -> tuple[int, int]:
-    return dx_hash(name, seed)
-
-
 def _runs_to_extents(runs: Iterable[tuple[int, int]], logical: int = 0) -> list[Extent]:
     """Cut physical runs into extents of at most 32768 blocks, numbering file blocks from `logical`."""
     out: list[Extent] = []
@@ -274,6 +274,14 @@ class Filesystem:
         self.used_dirs = [0] * groups
         self.free_blocks = [0] * groups
         self.free_inodes = [0] * groups
+        # Where each group's bitmaps and inode table live (computed by mkfs, read from a loaded GDT).
+        self.group_meta = [geometry.metadata(g) for g in range(groups)]
+        # uninit_bg (GDT_CSUM) bookkeeping, used when stacking on a filesystem made by mke2fs.
+        self.gdt_csum = bool(sb.s_feature_ro_compat & RO_COMPAT_GDT_CSUM)
+        self.bg_flags = [0] * groups
+        self.itable_unused = [0] * groups
+        # Inodes loaded from an existing filesystem and not changed since: written back verbatim.
+        self.raw_inodes: dict[int, bytes] = {}
         self.dirty_inodes: set[int] = set()
         self.dirty_dirs: set[int] = set()
         self.dirty_block_groups: set[int] = set()
@@ -500,6 +508,8 @@ class Filesystem:
                 self._write_inode_blocks(inode, sink)
         self._write_inode_tables(sink)
         self._write_bitmaps_and_descriptors(sink)
+        for ino in self.dirty_inodes:
+            self.raw_inodes.pop(ino, None)
         self.dirty_inodes.clear()
         self.dirty_dirs.clear()
         self.dirty_block_groups.clear()
@@ -545,12 +555,14 @@ class Filesystem:
     ) -> tuple[list[bytes], bool]:
         linear_size = 24 + sum(dirent_size(len(name)) for name, _, _ in entries)
         if linear_size <= BLOCK_SIZE:
+            # Sorted by name so the block depends only on the directory's content, not on history.
             dots = [(b".", ino, FT_DIR), (b"..", parent, FT_DIR)]
-            return [_pack_dirent_block(dots + entries)], False
+            return [_pack_dirent_block(dots + sorted(entries))], False
         return self._htree_blocks(ino, parent, entries), True
 
     def _htree_blocks(self, ino: int, parent: int, entries: list[tuple[bytes, int, int]]) -> list[bytes]:
-        keyed = sorted((_hash_name(name, self.seed), name, child, ft) for name, child, ft in entries)
+        majors = dx_hash_many([name for name, _, _ in entries], self.seed)
+        keyed = sorted(((major,), name, child, ft) for major, (name, child, ft) in zip(majors, entries, strict=True))
         # Fill leaves in hash order; entries sharing a major hash stay in one leaf so that every leaf
         # starts a new hash value and the index needs no collision-continuation bits.
         leaves: list[list[tuple[bytes, int, int]]] = [[]]
@@ -663,26 +675,17 @@ class Filesystem:
 
     def encode_inode(self, inode: Inode) -> bytes:
         t, extra = encode_time(inode.mtime, inode.mtime_ns)
-        data_blocks = sum(e.length for e in inode.extents)
-        blocks = data_blocks + len(inode.tree_blocks) + (1 if inode.xattr_block else 0)
-        return RawInode(
-            mode=inode.mode,
-            uid=inode.uid,
-            gid=inode.gid,
-            size=inode.size,
-            atime=t,
-            ctime=t,
-            mtime=t,
-            atime_extra=extra,
-            ctime_extra=extra,
-            mtime_extra=extra,
-            links_count=inode.links,
-            blocks=blocks * (BLOCK_SIZE // 512),
-            flags=inode.flags,
-            i_block=inode.i_block,
-            file_acl=inode.xattr_block,
-            xattr_area=inode.xattr_area,
-        ).encode()
+        blocks = sum(e.length for e in inode.extents) + len(inode.tree_blocks) + (1 if inode.xattr_block else 0)
+        blocks *= BLOCK_SIZE // 512
+        size, acl, uid, gid = inode.size, inode.xattr_block, inode.uid, inode.gid
+        # One struct for the 128-byte core and the 32 extra bytes (see layout.RawInode for the fields).
+        head = _INODE_HEAD.pack(
+            inode.mode, uid & 0xFFFF, size & 0xFFFFFFFF, t, t, t, 0, gid & 0xFFFF, inode.links,
+            blocks & 0xFFFFFFFF, inode.flags, 0, inode.i_block, 0, acl & 0xFFFFFFFF, size >> 32, 0,
+            blocks >> 32, acl >> 32, uid >> 16, gid >> 16, 0, 0,
+            EXTRA_ISIZE, 0, extra, extra, extra, 0, 0, 0, 0,
+        )  # fmt: skip
+        return head + inode.xattr_area.ljust(INODE_SIZE - len(head), b"\0")
 
     def _write_inode_tables(self, sink: BlockSink) -> None:
         ipg = self.geo.inodes_per_group
@@ -694,6 +697,10 @@ class Filesystem:
                 first = tb * INODES_PER_TABLE_BLOCK + 1
                 parts = []
                 for ino in range(first, first + INODES_PER_TABLE_BLOCK):
+                    raw = self.raw_inodes.get(ino)
+                    if raw is not None and ino not in self.dirty_inodes:
+                        parts.append(raw)
+                        continue
                     inode = self.inodes.get(ino)
                     parts.append(zero if inode is None else self.encode_inode(inode))
                 chunk.append(b"".join(parts))
@@ -704,22 +711,27 @@ class Filesystem:
                 group, index_in_group = divmod(tb * INODES_PER_TABLE_BLOCK, ipg)
                 room = (ipg - index_in_group) // INODES_PER_TABLE_BLOCK
                 n = min(room, count - i)
-                disk = self.geo.metadata(group)[2] + index_in_group // INODES_PER_TABLE_BLOCK
+                disk = self.group_meta[group][2] + index_in_group // INODES_PER_TABLE_BLOCK
                 sink.write(disk * BLOCK_SIZE, b"".join(chunk[i : i + n]))
                 i += n
 
     # bitmaps, descriptors, superblock ---------------------------------
 
     def _group_descriptor(self, group: int) -> GroupDesc:
-        block_bitmap, inode_bitmap, inode_table = self.geo.metadata(group)
-        return GroupDesc(
+        block_bitmap, inode_bitmap, inode_table = self.group_meta[group]
+        desc = GroupDesc(
             block_bitmap=block_bitmap,
             inode_bitmap=inode_bitmap,
             inode_table=inode_table,
             free_blocks_count=self.free_blocks[group],
             free_inodes_count=self.free_inodes[group],
             used_dirs_count=self.used_dirs[group],
+            flags=self.bg_flags[group],
+            itable_unused=self.itable_unused[group],
         )
+        if self.gdt_csum:
+            desc.checksum = group_desc_checksum(self.sb.s_uuid, group, desc.encode())
+        return desc
 
     def _write_bitmaps_and_descriptors(self, sink: BlockSink) -> None:
         geo = self.geo
@@ -730,14 +742,21 @@ class Filesystem:
             self.free_blocks[group] = BLOCKS_PER_GROUP - self.block_map.count_set(
                 group * BLOCK_SIZE, (group + 1) * BLOCK_SIZE
             )
+            self.bg_flags[group] &= ~BG_BLOCK_UNINIT  # the bitmap is on disk from now on
             if not (self._fresh and not any(bits)):
-                sink.write(geo.metadata(group)[0] * BLOCK_SIZE, bytes(bits))
+                sink.write(self.group_meta[group][0] * BLOCK_SIZE, bytes(bits))
         for group in sorted(self.dirty_inode_groups):
             bits = self.inode_map.bits[group * ipg_bytes : (group + 1) * ipg_bytes]
             self.free_inodes[group] = geo.inodes_per_group - self.inode_map.count_set(
                 group * ipg_bytes, (group + 1) * ipg_bytes
             )
-            sink.write(geo.metadata(group)[1] * BLOCK_SIZE, bytes(bits) + padding)
+            if self.gdt_csum:
+                # Inodes past the last used one stay "unused": e2fsck and the kernel skip them.
+                last = self.inode_map.find_last_set(group * geo.inodes_per_group, (group + 1) * geo.inodes_per_group)
+                used = 0 if last is None else last - group * geo.inodes_per_group + 1
+                self.itable_unused[group] = geo.inodes_per_group - used
+                self.bg_flags[group] &= ~BG_INODE_UNINIT
+            sink.write(self.group_meta[group][1] * BLOCK_SIZE, bytes(bits) + padding)
 
         gdt = b"".join(self._group_descriptor(g).encode() for g in range(geo.groups))
         gdt = gdt.ljust(geo.gdt_blocks * BLOCK_SIZE, b"\0")
@@ -754,6 +773,31 @@ class Filesystem:
                     backup = self.sb.encode(group).ljust(BLOCK_SIZE, b"\0")
                     sink.write(geo.group_start(group) * BLOCK_SIZE, backup + gdt)
             self.sb.s_block_group_nr = 0
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC16 = _crc16_table()
+
+
+def crc16(data: bytes, crc: int = 0xFFFF) -> int:
+    """The kernel's crc16 (reflected polynomial 0xA001), as used for uninit_bg descriptor checksums."""
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC16[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def group_desc_checksum(fs_uuid: bytes, group: int, desc: bytes) -> int:
+    """bg_checksum: crc16 over the fs UUID, the group number and the descriptor minus its checksum field."""
+    return crc16(desc[32:], crc16(desc[:30], crc16(struct.pack("<I", group), crc16(fs_uuid))))
 
 
 def _pack_dirent_block(entries: list[tuple[bytes, int, int]]) -> bytes:

@@ -99,6 +99,12 @@ def _parse_number(field_bytes: bytes, what: str, offset: int) -> int:
         raise TarFormatError(f"tar header at offset {offset}: field {what} is not a number: {text!r}") from None
 
 
+def _signed_checksum(header: bytes) -> int:
+    """Historic tar writers summed the header as signed chars."""
+    blanked = header[:148] + b" " * 8 + header[156:]
+    return sum(b - 256 if b > 127 else b for b in blanked)
+
+
 def _cstr(b: bytes) -> bytes:
     return b.split(b"\0", 1)[0]
 
@@ -263,10 +269,8 @@ class TarReader:
             expected = int(text, 8)
         except ValueError:
             raise TarFormatError(f"invalid tar header at offset {offset}: checksum field {stored!r}") from None
-        blanked = header[:148] + b" " * 8 + header[156:]
-        unsigned = sum(blanked)
-        signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
-        if expected not in (unsigned, signed):
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 0x20  # the checksum field counts as spaces
+        if expected != unsigned and expected != _signed_checksum(header):
             name = _cstr(header[0:100]).decode("utf-8", "backslashreplace")
             raise TarFormatError(
                 f"bad tar header checksum at offset {offset} (entry {name!r}): stored {expected}, computed {unsigned}"
