@@ -81,8 +81,12 @@ def test_both_forms_read_by_python_tarfile_and_by_us(tmp_path: Path, prefix, for
 
 
 def test_ustar_form_fields() -> None:
-    raw = ustar_prefix(0o1234)
-    assert raw[100:108] == b"0000644\0" and raw[124:136] == b"00000001234\0" and raw[136:148] == b"00000000000\0"
+    raw = ustar_prefix(0o1234)  # Go archive/tar's USTAR form, as the convertor's uploadBaseLayer writes it
+    assert raw[0:17] == b"overlaybd.commit\0"
+    assert raw[100:108] == b"0000444\0" and raw[108:116] == b"0000000\0" and raw[116:124] == b"0000000\0"
+    assert raw[124:136] == b"00000001234\0" and raw[136:148] == b"00000000000\0"
+    assert raw[156:157] == b"0" and raw[257:265] == b"ustar\x0000" and raw[265:329] == bytes(64)
+    assert raw[329:337] == b"0000000\0" and raw[337:345] == b"0000000\0" and raw[345:] == bytes(167)
     assert raw[148:156] == b"%06o\0 " % tar_checksum(raw)[0]
 
 

@@ -4,11 +4,13 @@ real overlaybd tools (reference §5). Materialised disks are 64 GiB sparse files
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from converter.formats.layer import LayerBlobWriter
+from converter.formats.common import FormatError
+from converter.formats.layer import LayerBlobWriter, wrap_blob
 from converter.formats.lsmt import HT_SPACE, INDEX_ALIGN_ENTRIES, SECTOR
 from converter.formats.stack import StackedReader, open_layer
 from converter.formats.tarwrap import PAX_DATA_OFFSET, TAR_BLOCK
@@ -184,3 +186,22 @@ def test_mkfs_only_blob_opens(name: str) -> None:
     with open_layer(REAL_TOOLS / name) as layer:
         assert layer.header.flags == 7 and layer.trailer.flags == 6
         assert layer.zfile.verify_all_blocks() == layer.zfile.blocks
+
+
+def test_wrap_base_layer_like_the_convertor(tmp_path: Path) -> None:
+    dst = tmp_path / "base.tar"
+    info = wrap_blob(BASE_ZFILE, dst)
+    raw = dst.read_bytes()
+    assert info.digest == "sha256:" + hashlib.sha256(raw).hexdigest() and info.size == len(raw)
+    assert raw[512:512 + BASE_ZFILE.stat().st_size] == BASE_ZFILE.read_bytes()
+    assert (info.lsmt_size, info.data_bytes, info.index_entries) == (541937664, 541794304, 8323)
+    with tarfile.open(dst) as tf:
+        (member,) = tf.getmembers()
+        assert (member.name, member.mode, member.size, member.mtime) == \
+            ("overlaybd.commit", 0o444, BASE_ZFILE.stat().st_size, 0)
+    with open_layer(dst) as layer:
+        assert (layer.wrapper.form, layer.wrapper.data_offset) == ("ustar", 512)
+        assert layer.uuid == "C02FB491-B4D4-4904-8684-A014D032AF78"
+    with pytest.raises(FormatError, match="already tar-wrapped"):
+        wrap_blob(dst, tmp_path / "twice.tar")
+    assert not (tmp_path / "twice.tar").exists()

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .common import BytesLike, FormatError
-from .lsmt import LsmtWriter
+from .lsmt import HT_SPACE, LsmtWriter
+from .stack import open_layer
 from .tarwrap import WRAPPERS, tar_suffix
 from .zfile import DEFAULT_BLOCK_SIZE, ZFileWriter
 
@@ -143,3 +144,34 @@ class LayerBlobWriter:
             self.abort()
         elif not self._done:
             self.close()  # a clean exit commits the blob; the result is in self.info
+
+
+def wrap_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, wrapper: str = "ustar") -> BlobInfo:
+    """Validate an existing layer (e.g. the official ext4_64 base layer, a bare ZFile) and write it to `dst`
+    inside a tar wrapper, as the convertor's uploadBaseLayer does (§3.2, plain ustar by default).
+
+    The payload size is known up front here, so the prefix is final and the copy is hashed on the fly:
+    one read of the source, one write, no second pass."""
+    if wrapper not in ("pax", "ustar"):
+        raise FormatError(f"wrap_blob needs a tar wrapper ('pax' or 'ustar'), not {wrapper!r}")
+    with open_layer(src) as layer:
+        if layer.wrapper is not None and layer.wrapper.form != "none":
+            raise FormatError(f"{os.fspath(src)}: already tar-wrapped ({layer.wrapper.form})")
+        stats = (layer.size, layer.trailer.index_offset - HT_SPACE, len(layer))
+    dst_path = os.fspath(dst)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(src, "rb") as fin, _FullWriteFile(dst_path, "w") as fout:
+            payload = os.fstat(fin.fileno()).st_size
+            for piece in (WRAPPERS[wrapper][1](payload), *iter(lambda: fin.read(HASH_WINDOW), b""),
+                          tar_suffix(payload)):
+                h.update(piece)
+                fout.write(piece)
+                size += len(piece)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst_path)
+        raise
+    return BlobInfo(path=dst_path, digest="sha256:" + h.hexdigest(), size=size, lsmt_size=stats[0],
+                    data_bytes=stats[1], index_entries=stats[2])

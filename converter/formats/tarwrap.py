@@ -21,7 +21,7 @@ END_OF_ARCHIVE = bytes(2 * TAR_BLOCK)
 USTAR_MAGIC = b"ustar\0"
 USTAR_VERSION = b"00"
 COMMIT_MODE = 0o100644  # st_mode of overlaybd-commit's output under umask 022
-USTAR_MODE = 0o644
+USTAR_MODE = 0o444  # what the convertor's uploadBaseLayer puts in its Go tar header (§3.2)
 USTAR_MAX_SIZE = 8**11 - 1  # 11 octal digits
 
 # (offset, length) of the ustar header fields we touch
@@ -29,6 +29,7 @@ _NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM = (0, 100), (100, 8), (108, 8),
     (136, 12), (148, 8)
 _TYPEFLAG = 156
 _MAGIC, _VERSION, _UNAME, _GNAME = (257, 6), (263, 2), (265, 32), (297, 32)
+_DEVMAJOR, _DEVMINOR = (329, 8), (337, 8)
 
 
 def _put(block: bytearray, fld: tuple[int, int], value: bytes) -> None:
@@ -91,7 +92,8 @@ def pax_prefix(payload_size: int) -> bytes:
 
 
 def ustar_prefix(payload_size: int) -> bytes:
-    """A plain ustar header for the payload, as Go's archive/tar writes it (zero-padded octal, no PAX)."""
+    """A plain ustar header for the payload, as the convertor's Go archive/tar writes the base layer's:
+    zero-padded NUL-terminated octal, mode 0444, zero times and ids, no user names, no PAX."""
     if payload_size > USTAR_MAX_SIZE:
         raise FormatError(f"payload of {payload_size} bytes does not fit a plain ustar header; use the PAX form")
     hdr = bytearray(TAR_BLOCK)
@@ -104,6 +106,8 @@ def ustar_prefix(payload_size: int) -> bytes:
     hdr[_TYPEFLAG] = ord("0")
     _put(hdr, _MAGIC, USTAR_MAGIC)
     _put(hdr, _VERSION, USTAR_VERSION)
+    _put(hdr, _DEVMAJOR, b"%07o\0" % 0)
+    _put(hdr, _DEVMINOR, b"%07o\0" % 0)
     return _finish(hdr, b"%06o\0 ")
 
 
