@@ -243,3 +243,14 @@ def test_writev_resumes_after_partial_writes(tmp_path: Path, monkeypatch: pytest
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(parts)
+
+
+def test_without_block_crcs(tmp_path: Path) -> None:
+    data = sample(300_000)
+    raw = write_zfile(data, verify=False)
+    header = ZFileHeaderTrailer.unpack(raw[:512])
+    assert header.verify == 0
+    first = struct.unpack("<I", raw[header.index_offset:header.index_offset + 4])[0]
+    assert lz4.block.decompress(raw[512:512 + first], uncompressed_size=4096) == data[:4096]  # no CRC after it
+    zf = open_zfile(tmp_path, raw)
+    assert zf.pread(0, len(data)) == data
