@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from werkzeug.wrappers import Request
 
 from tests.harness import layers as L
 from tests.harness.oci import Image, build_layout, push_image
@@ -24,8 +25,11 @@ from tests.test_webhook_support import (
     AUTH,
     SECRET,
     ServeProcess,
+    distribution_event,
+    envelope,
     harbor_cloudevent,
     harbor_default,
+    serve_app,
     wait_until,
 )
 
@@ -152,3 +156,89 @@ def test_harbor_payloads_against_real_registry(tmp_path: Path, registry_factory)
         assert manifest_digest(registry, "proj/app", "2.0_obd") == digest
     finally:
         service.stop()
+
+
+class FlakyRegistryProxy:
+    """A reverse proxy in front of the real registry that refuses manifest pushes: the first
+    `unavailable` ones with 503 (transient), and all of them for repositories in `denied` with 403.
+    The registry builds its Location headers from the Host header, which the proxy passes through."""
+
+    def __init__(self, upstream: str, unavailable: int = 0, denied: tuple[str, ...] = ()) -> None:
+        self.upstream, self.unavailable, self.denied = upstream, unavailable, set(denied)
+        self.refused: list[tuple[int, str]] = []
+        self.session = requests.Session()
+
+    def __call__(self, environ, start_response):
+        request = Request(environ)
+        if request.method == "PUT" and "/manifests/" in request.path:
+            repo = request.path.split("/v2/", 1)[1].split("/manifests/", 1)[0]
+            if repo in self.denied:
+                return self._refuse(start_response, 403, "DENIED", f"push to {repo} denied by policy")
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                return self._refuse(start_response, 503, "UNAVAILABLE", "registry is being upgraded")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+        upstream = self.session.request(request.method, self.upstream + request.full_path.rstrip("?"),
+                                        headers=headers, data=request.get_data(), allow_redirects=False,
+                                        stream=True, timeout=30)
+        body = upstream.raw.read(decode_content=False)
+        hop = {"connection", "transfer-encoding", "keep-alive"}
+        start_response(f"{upstream.status_code} {upstream.reason}",
+                       [(k, v) for k, v in upstream.headers.items() if k.lower() not in hop])
+        return [body]
+
+    def _refuse(self, start_response, status: int, code: str, message: str):
+        self.refused.append((status, code))
+        body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+        start_response(f"{status} {code}", [("Content-Type", "application/json"),
+                                           ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def test_registry_failing_pushes_then_permanent_refusal_and_manual_retry(tmp_path: Path, registry_factory) -> None:
+    registry = registry_factory()
+    image = build_layout(tmp_path / "img", Image([[L.file("r.txt", b"retry\n")]]))
+    digest = push_image(image, registry, "retry/app:v1")
+    push_image(image, registry, "retry/denied:v1")
+    proxy = FlakyRegistryProxy(registry.url, unavailable=2, denied=("retry/denied",))
+    with serve_app(proxy) as proxy_url:
+        proxy_host = proxy_url.split("://", 1)[1]
+        service = ServeProcess(tmp_path / "data", {
+            "OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY, "TMPDIR": str(tmp_path),
+            "OBD_WEBHOOK_RETRY__INITIAL_BACKOFF_SECONDS": "0.2", "OBD_WEBHOOK_RETRY__MAX_BACKOFF_SECONDS": "0.5",
+            "OBD_WEBHOOK_RETRY__JITTER_SECONDS": "0", "OBD_WEBHOOK_RETRY__MAX_ATTEMPTS": "5"})
+        service.start()
+        try:
+            for repo in ("retry/app", "retry/denied"):
+                event = distribution_event(repository=repo, tag="v1", digest=digest, host=proxy_host)
+                response = requests.post(service.url + "/hooks/distribution", data=envelope(event),
+                                         headers=AUTH, timeout=5)
+                assert len(response.json()["accepted"]) == 1
+            wait_until(lambda: {j["state"] for j in all_jobs(service)} == {"succeeded", "dead"}, timeout=90,
+                       what="one job succeeded after retries, one dead")
+            jobs = {j["repository"]: j for j in all_jobs(service)}
+
+            ok = requests.get(f"{service.url}/api/v1/conversions/{jobs['retry/app']['id']}", headers=AUTH,
+                              timeout=5).json()
+            assert ok["attempts"] == 3
+            assert [a["outcome"] for a in ok["attempt_log"]] == ["retry", "retry", "succeeded"]
+            assert "503" in ok["attempt_log"][0]["error"] or "UNAVAILABLE" in ok["attempt_log"][0]["error"]
+            assert manifest_digest(registry, "retry/app", "v1_obd") == digest
+
+            dead = jobs["retry/denied"]
+            assert dead["attempts"] == 1 and dead["last_error"].startswith("permanent error: PermanentError")
+            assert "denied" in dead["last_error"]
+            assert "v1_obd" not in tags(registry, "retry/denied")
+            metrics = requests.get(service.url + "/metrics", headers=AUTH, timeout=5).text
+            assert "obd_webhook_conversion_retries_total 2.0" in metrics
+            assert 'obd_webhook_jobs{state="dead"} 1.0' in metrics
+
+            proxy.denied.clear()  # the operator fixed the registry policy
+            retried = requests.post(f"{service.url}/api/v1/conversions/{dead['id']}/retry", headers=AUTH, timeout=5)
+            assert retried.status_code == 200 and retried.json()["state"] == "queued"
+            wait_until(lambda: {j["state"] for j in all_jobs(service)} == {"succeeded"}, timeout=60,
+                       what="retried job succeeded")
+            assert manifest_digest(registry, "retry/denied", "v1_obd") == digest
+            assert sorted(proxy.refused) == [(403, "DENIED"), (503, "UNAVAILABLE"), (503, "UNAVAILABLE")]
+        finally:
+            service.stop()

@@ -148,7 +148,11 @@ def skopeo_copy_convert(job: ConversionRequest) -> ConversionResult:
         capture_output=True, text=True, timeout=120, env=env,
     )
     if proc.returncode != 0:
-        raise TransientError(f"skopeo copy failed: {proc.stderr.strip()[-500:]}")
+        message = f"skopeo copy failed: {proc.stderr.strip()[-500:]}"
+        # The same split the pipeline makes: refused by the registry's policy is permanent.
+        if any(word in proc.stderr for word in ("denied", "unauthorized", "DENIED", "UNAUTHORIZED")):
+            raise PermanentError(message)
+        raise TransientError(message)
     target_digest = digest_file.read_text().strip()
     digest_file.unlink()
     return ConversionResult(target_ref=job.target_ref, target_digest=target_digest)
@@ -220,7 +224,7 @@ class ServeProcess:
             stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT),
         )
         log.close()
-        wait_until(self._ready, timeout=30, what=f"obd-webhook serve on {self.url} (log {self.log_path})")
+        wait_until(self._ready, timeout=60, what=f"obd-webhook serve on {self.url} (log {self.log_path})")
         return self
 
     def _ready(self) -> bool:
@@ -228,8 +232,10 @@ class ServeProcess:
         if self.proc.poll() is not None:
             raise AssertionError(f"serve exited with {self.proc.returncode}: {self.log()[-3000:]}")
         try:
-            return requests.get(self.url + "/readyz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            # Connecting succeeds as soon as gunicorn's master listens; the answer waits for a worker
+            # to boot, which takes seconds on a busy machine.
+            return requests.get(self.url + "/readyz", timeout=5).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     def log(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ class JobState(str, Enum):
     SUPERSEDED = "superseded"
 
 
+log = logging.getLogger("webhook.store")
+CHECKPOINT_INTERVAL_S = 1.0
 PENDING_STATES = (JobState.QUEUED.value, JobState.FAILED.value)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
@@ -264,6 +267,10 @@ class JobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         # Every statement is idempotent (IF NOT EXISTS), so concurrent starters cannot conflict.
         conn.executescript(SCHEMA)
+        self._stopped = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -275,8 +282,25 @@ class JobStore:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=OFF")
+            # Checkpoints (copying the WAL into the database, with an fsync) run in a background
+            # thread, not inside whichever commit crosses the threshold: that commit would hold the
+            # write lock for the length of an fsync and every waiting request would inherit it.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._local.conn = conn
         return conn
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            while not self._stopped.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    # PASSIVE never blocks writers; pages still needed by readers are copied next time.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    log.exception("WAL checkpoint failed; will retry")
+        finally:
+            conn.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -300,7 +324,9 @@ class JobStore:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        """Release the store (this thread's connection and the lock file); do not use it afterwards."""
+        """Release the store (this thread's connection, the checkpointer, the lock file); do not use it
+        afterwards."""
+        self._stopped.set()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
