@@ -22,6 +22,7 @@ from tests.test_webhook_support import (
     read_records,
     wait_until,
 )
+from webhook.cli import main
 
 RECORDING = "tests.test_webhook_support:recording_convert"
 
@@ -192,3 +193,19 @@ def test_serve_with_zero_configuration_prints_secret_once(tmp_path: Path) -> Non
     finally:
         service.stop()
     assert secret not in service.log(), "the secret is printed only when it is generated"
+
+
+def test_snippets_command_and_config_errors(tmp_path: Path, capsys, monkeypatch) -> None:
+    for key in [k for k in os.environ if k.startswith("OBD_WEBHOOK_")]:
+        monkeypatch.delenv(key)
+    assert main(["snippets", "--data-dir", str(tmp_path / "d"), "--listen", "10.1.2.3:9000"]) == 0
+    out = capsys.readouterr().out
+    secret = (tmp_path / "d" / "webhook-secret").read_text().strip()
+    assert "generated now" in out and f"Authorization: [Bearer {secret}]" in out
+    assert "url: http://10.1.2.3:9000/hooks/distribution" in out
+    assert main(["snippets", "--data-dir", str(tmp_path / "d")]) == 0
+    assert "stored in" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: lots\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "configuration error: workers" in capsys.readouterr().err

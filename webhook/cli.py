@@ -59,10 +59,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def snippets_text(config: Config, secret: str) -> str:
+def snippets_text(config: Config, secret: str, origin: str) -> str:
     base = f"http://{config.listen}"
     return f"""\
-Webhook secret (stored in {config.secret_file}; shown only now):
+Webhook secret ({origin}; `obd-webhook snippets` prints all this again):
 
     {secret}
 
@@ -116,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
 
     JobStore(config.db_path, synchronous=config.sqlite_synchronous).close()
     if new_secret is not None:
-        print(snippets_text(config, new_secret), flush=True)
+        print(snippets_text(config, new_secret, f"generated now, stored in {config.secret_file}"), flush=True)
     env = {**os.environ, **overrides}
     gunicorn = [sys.executable, "-m", "gunicorn", "--config", "python:webhook.gunicorn_settings"]
     children = {"http": _spawn(gunicorn, env)}
@@ -179,8 +179,11 @@ def worker(args: argparse.Namespace) -> int:
 
 def snippets(args: argparse.Namespace) -> int:
     config = load_config(env={**os.environ, **_overrides(args)})
-    config, _ = ensure_secret(config)
-    print(snippets_text(config, config.secrets[0]))
+    origin = "first configured secret" if config.secrets else f"stored in {config.secret_file}"
+    config, new_secret = ensure_secret(config)
+    if new_secret is not None:
+        origin = f"generated now, stored in {config.secret_file}"
+    print(snippets_text(config, config.secrets[0], origin))
     return 0
 
 

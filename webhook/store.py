@@ -262,7 +262,6 @@ class JobStore:
         self._queue: list[_Delivery] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
         # Every statement is idempotent (IF NOT EXISTS), so concurrent starters cannot conflict.
@@ -281,7 +280,6 @@ class JobStore:
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA foreign_keys=OFF")
             # Checkpoints (copying the WAL into the database, with an fsync) run in a background
             # thread, not inside whichever commit crosses the threshold: that commit would hold the
             # write lock for the length of an fsync and every waiting request would inherit it.
