@@ -7,7 +7,7 @@
 
 The upload is a stream whose digest is only known at its end (POST + PATCH chunks + PUT ?digest=);
 the download is digest- and size-verified. Peak RSS is the process's ru_maxrss: it includes the
-interpreter and imports, and must not grow with the blob size.
+interpreter and imports, and must not grow with the blob size (VmHWM on Linux, else ru_maxrss).
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ def generated(size: int, seed: bytes):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux carries ru_maxrss over from the parent across fork+exec (a
+    child of a big pytest process would report the parent's size), so VmHWM is read when present."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
