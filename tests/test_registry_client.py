@@ -240,3 +240,17 @@ def test_docker_config_credentials_against_registry(registry_factory, tmp_path, 
     with RegistryClient(reg.host, plain_http=True, docker_config=tmp_path / "none.json") as client, \
             pytest.raises(AuthError):
         client.blob_exists("cfg/app", oci.sha256(b"via helper"))
+
+
+def test_identity_token_from_docker_config(registry_factory, tmp_path) -> None:
+    reg = registry_factory(auth="token")
+    reg.token_server.refresh_tokens["idt-0123456789"] = "alice"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {reg.host: {"identitytoken": "idt-0123456789"}}}))
+    with RegistryClient(reg.host, plain_http=True, docker_config=config) as client:
+        assert client.upload_blob("idt/app", b"via identity token") == oci.sha256(b"via identity token")
+    assert {i["grant"] for i in reg.token_server.issued} == {"refresh_token"}
+    config.write_text(json.dumps({"auths": {reg.host: {"identitytoken": "revoked"}}}))
+    with RegistryClient(reg.host, plain_http=True, docker_config=config) as client, \
+            pytest.raises(AuthError, match="refused credentials"):
+        client.blob_exists("idt/app", oci.sha256(b"via identity token"))

@@ -108,3 +108,25 @@ def test_schema1_and_unknown_types_are_refused(proxied) -> None:
               headers={"Content-Type": "application/x-odd"})
     with pytest.raises(UnsupportedManifestError, match="application/x-odd"):
         client.get_manifest("old/app", "odd")
+
+
+def test_referrers_api_when_the_registry_has_it(proxied) -> None:
+    # Distribution 2.8 has no referrers API, so the proxy answers for a registry that does.
+    proxy, client = proxied
+    subject = "sha256:" + "ab" * 32
+    sig = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "01" * 32, "size": 10, "artifactType": "x/sig"}
+    sbom = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "02" * 32, "size": 20, "artifactType": "x/sbom"}
+    index = oci.canonical_json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [sig, sbom]})
+    proxy.add("respond", method="GET", path=f"/referrers/{subject}$", status=200, body=index,
+              headers={"Content-Type": oci.OCI_INDEX})
+    assert client.referrers("r/app", subject) == [sig, sbom]
+    # The registry ignored the filter (no OCI-Filters-Applied): the client applies it.
+    proxy.add("respond", method="GET", path=f"/referrers/{subject}\\?artifactType=x%2Fsbom", status=200,
+              body=index, headers={"Content-Type": oci.OCI_INDEX})
+    assert client.referrers("r/app", subject, artifact_type="x/sbom") == [sbom]
+    # A registry that filtered says so, and its answer is taken as is.
+    filtered = oci.canonical_json({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [sig]})
+    proxy.add("respond", method="GET", path=f"/referrers/{subject}\\?artifactType=x%2Fsig", status=200,
+              body=filtered, headers={"Content-Type": oci.OCI_INDEX, "OCI-Filters-Applied": "artifactType"})
+    assert client.referrers("r/app", subject, artifact_type="x/sig") == [sig]
+    assert not [e for e in proxy.log if "sha256-" in e[1]], "the tag-schema fallback was used needlessly"

@@ -54,6 +54,7 @@ class TokenServer:
     lifetime: float = 300.0  # seconds until the JWT's exp (the registry adds 60 s of leeway)
     advertised_lifetime: float | None = None  # expires_in told to clients, if it should differ
     denied_repos: set[str] = field(default_factory=set)
+    refresh_tokens: dict[str, str] = field(default_factory=dict)  # identity token -> user
     issued: list[dict] = field(default_factory=list)
     port: int = 0
     _httpd: ThreadingHTTPServer | None = None
@@ -85,31 +86,53 @@ class TokenServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="token"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _grant(self, user: str, scopes: list[str], grant: str) -> None:
+                access = [a for a in map(parse_scope, scopes) if a]
+                access = [a for a in access if a["name"] not in server.denied_repos]
+                server.issued.append({"user": user, "access": access, "time": time.time(), "grant": grant})
+                token = server.mint(user, access)
+                answer = {"access_token": token, "expires_in": int(server.advertised_lifetime or server.lifetime),
+                          "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if grant == "basic":
+                    answer["token"] = token  # the Docker token endpoint's name; OAuth2 answers only access_token
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_GET(self) -> None:
+                """Docker token flow: Basic credentials, scopes in the query."""
                 url = urlsplit(self.path)
                 if url.path != "/token":
                     self.send_error(404)
                     return
                 user = server.check(self.headers.get("Authorization"))
                 if user is None:
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", 'Basic realm="token"')
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._refuse()
                     return
-                query = parse_qs(url.query)
-                access = [a for a in map(parse_scope, query.get("scope", [])) if a]
-                access = [a for a in access if a["name"] not in server.denied_repos]
-                server.issued.append({"user": user, "access": access, "time": time.time()})
-                token = server.mint(user, access)
-                lifetime = int(server.advertised_lifetime or server.lifetime)
-                body = json.dumps({"token": token, "access_token": token, "expires_in": lifetime,
-                                   "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._grant(user, parse_qs(url.query).get("scope", []), "basic")
+
+            def do_POST(self) -> None:
+                """OAuth2 refresh-token grant, as clients use the identity token of `docker login`."""
+                if urlsplit(self.path).path != "/token":
+                    self.send_error(404)
+                    return
+                form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                presented = form.get("refresh_token", [""])[0].encode()
+                user = next((u for token, u in server.refresh_tokens.items()
+                             if hmac.compare_digest(token.encode(), presented)), None)
+                if form.get("grant_type") != ["refresh_token"] or user is None:
+                    self._refuse()
+                    return
+                self._grant(user, " ".join(form.get("scope", [])).split(), "refresh_token")
 
             def log_message(self, *args) -> None:
                 pass
