@@ -8,7 +8,14 @@ import stat
 
 import pytest
 
-from converter.registry import AuthError, Credentials, InvalidReferenceError, load_docker_credentials, parse_reference
+from converter.registry import (
+    AuthError,
+    Credentials,
+    InvalidReferenceError,
+    RegistryClient,
+    load_docker_credentials,
+    parse_reference,
+)
 from converter.registry.auth import parse_challenge
 
 DIGEST = "sha256:" + "ab" * 32
@@ -44,6 +51,14 @@ def test_parse_reference(text, registry, repository, tag, digest, api_host) -> N
 def test_parse_reference_errors_name_the_part(text, message) -> None:
     with pytest.raises(InvalidReferenceError, match=message):
         parse_reference(text)
+
+
+def test_docker_hub_host_is_normalised(tmp_path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"username": "hub", "password": "pw"}}}))
+    with RegistryClient("docker.io", docker_config=config) as client:
+        assert client.base == "https://registry-1.docker.io"
+        assert client.credentials == Credentials("hub", "pw")
 
 
 def test_with_tag() -> None:

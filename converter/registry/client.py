@@ -43,7 +43,7 @@ from converter.registry.errors import (
     describe,
     parse_error_body,
 )
-from converter.registry.reference import DIGEST_RE, REPOSITORY_RE, TAG_RE
+from converter.registry.reference import DIGEST_RE, DOCKER_HUB_ALIASES, DOCKER_HUB_API, REPOSITORY_RE, TAG_RE
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _certs_dir_files(directory: Path) -> tuple[list[Path], tuple[str, str] | Non
 
 
 class RegistryClient:
-    """Talks to one registry ``host`` (``host[:port]``).
+    """Talks to one registry ``host`` (``host[:port]``; ``docker.io`` means Docker Hub's API host).
 
     Credentials: ``credentials`` (a `Credentials` or "user:password"), else the docker
     ``config.json`` at ``docker_config`` (default: ``$DOCKER_CONFIG`` or ``~/.docker``), else anonymous.
@@ -188,12 +188,12 @@ class RegistryClient:
                  cert_dir: str | os.PathLike | None = None, client_cert: tuple[str, str] | None = None,
                  retry: RetryPolicy | None = None, timeout: tuple[float, float] = (10.0, 60.0),
                  chunk_size: int = CHUNK_SIZE):
-        self.host = host
+        self.host = DOCKER_HUB_API if host in DOCKER_HUB_ALIASES else host  # "docker.io" serves no API
         self.scheme = "http" if plain_http else "https"
-        self.base = f"{self.scheme}://{host}"
+        self.base = f"{self.scheme}://{self.host}"
         if isinstance(credentials, str):
             credentials = Credentials.parse(credentials)
-        self.credentials = credentials if credentials is not None else load_docker_credentials(host, docker_config)
+        self.credentials = credentials if credentials is not None else load_docker_credentials(self.host, docker_config)
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self.chunk_size = chunk_size
