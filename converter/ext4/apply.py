@@ -90,15 +90,46 @@ def clean_path(name: bytes) -> list[bytes]:
     return parts
 
 
+class _CoalescingSink:
+    """Joins writes to consecutive blocks (the many small files of a layer are allocated one after the
+    other) into fewer, larger writes; large writes pass straight through without a copy."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, sink: BlockSink) -> None:
+        self._sink = sink
+        self._buf = bytearray()
+        self._start = 0
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._buf and offset == self._start + len(self._buf) and len(self._buf) + len(data) <= self.LIMIT:
+            self._buf += data
+            return
+        self.flush()
+        if len(data) >= self.LIMIT // 2:
+            self._sink.write(offset, data)
+        else:
+            self._start = offset
+            self._buf += data
+
+    def flush(self) -> None:
+        if self._buf:
+            self._sink.write(self._start, bytes(self._buf))
+            self._buf.clear()
+
+
 class LayerApplier:
     """Applies one layer. Create one per layer: it remembers which names this layer created."""
 
     def __init__(self, fs: Filesystem, sink: BlockSink, label: str) -> None:
         self.fs = fs
-        self.sink = sink
+        self._final_sink = sink
+        self.sink = _CoalescingSink(sink)
         self.label = label
         self.stats = LayerStats()
         self._added: dict[int, set[bytes]] = {}  # directory inode -> names this layer created in it
+        # Parent paths already resolved in this layer; valid until something is removed.
+        self._dir_cache: dict[tuple[bytes, ...], int] = {}
 
     def apply(self, stream: BinaryIO) -> LayerStats:
         """Read the layer (gzip, zstd or plain tar), change the filesystem, write data and metadata."""
@@ -117,7 +148,8 @@ class LayerApplier:
             # Decompression errors (truncated or corrupt gzip/zstd) surface here.
             problem = f"cannot read layer data: {exc.__class__.__name__}: {exc}"
             raise LayerApplyError(self.label, self._current_name(reader), problem) from exc
-        self.fs.flush(self.sink)
+        self.sink.flush()
+        self.fs.flush(self._final_sink)
         return self.stats
 
     @staticmethod
@@ -157,7 +189,7 @@ class LayerApplier:
                 self._set_metadata(fs.inodes[existing], entry)
             else:
                 if existing is not None:
-                    fs.remove(parent, base)
+                    self._remove(parent, base)
                 inode = fs.mkdir(parent, base, entry.mode & 0o7777)
                 self._set_metadata(inode, entry)
         elif entry.type == HARDLINK:
@@ -165,14 +197,14 @@ class LayerApplier:
             target_ino = self._resolve_link_target(entry)
             if existing != target_ino:
                 if existing is not None:
-                    fs.remove(parent, base)
+                    self._remove(parent, base)
                 fs.add_hardlink(parent, base, fs.inodes[target_ino])
             # Like overlaybd-apply (and the real tools' output), the hardlink header's metadata is
             # applied to the shared inode; tar writers emit the same inode metadata for both names.
             self._set_metadata(fs.inodes[target_ino], entry)
         else:
             if existing is not None:
-                fs.remove(parent, base)
+                self._remove(parent, base)
             inode = self._create_node(reader, entry)
             fs.link(parent, base, inode)
         self._added.setdefault(parent, set()).add(base)
@@ -308,6 +340,11 @@ class LayerApplier:
 
     def _resolve_dir(self, comps: list[bytes], entry: TarEntry, create: bool = True) -> int:
         """Directory inode for parent components, following symlinks inside the root (fs.RootPath)."""
+        key = tuple(comps)
+        if create:
+            cached = self._dir_cache.get(key)
+            if cached is not None:
+                return cached
         fs = self.fs
         stack = [ROOT_INO]
         pending = list(comps)
@@ -342,7 +379,13 @@ class LayerApplier:
                 raise Ext4Error(
                     f"parent path component {name.decode('utf-8', 'backslashreplace')!r} is not a directory"
                 )
+            if create:
+                # Every directory on an entry's path belongs to this layer's upper tree (as in an
+                # overlayfs upper dir), so a later opaque marker or whiteout of the same layer keeps it.
+                self._added.setdefault(current, set()).add(name)
             stack.append(child)
+        if create:
+            self._dir_cache[key] = stack[-1]
         return stack[-1]
 
     def _resolve_link_target(self, entry: TarEntry) -> int:
@@ -363,6 +406,10 @@ class LayerApplier:
 
     # ------------------------------------------------------------------ whiteouts
 
+    def _remove(self, parent: int, name: bytes) -> None:
+        self._dir_cache.clear()
+        self.fs.remove(parent, name)
+
     def _whiteout(self, parent: int, name: bytes) -> None:
         child = self.fs.lookup(parent, name)
         if child is None:
@@ -372,7 +419,7 @@ class LayerApplier:
             if self.fs.inodes[child].is_dir:
                 self._clear_lower(child)
             return
-        self.fs.remove(parent, name)
+        self._remove(parent, name)
 
     def _clear_lower(self, dir_ino: int) -> None:
         """Remove every child of a directory that this layer did not create (recursively for kept dirs)."""
@@ -381,6 +428,6 @@ class LayerApplier:
         assert children is not None
         for name, child in list(children.items()):
             if name not in keep:
-                self.fs.remove(dir_ino, name)
+                self._remove(dir_ino, name)
             elif self.fs.inodes[child].is_dir:
                 self._clear_lower(child)

@@ -348,9 +348,16 @@ class Filesystem:
 
     def allocate_blocks(self, count: int) -> list[tuple[int, int]]:
         """Next-fit allocation of `count` blocks as few contiguous runs as the free space allows."""
+        pos = self._block_cursor
+        bits = self.block_map.bits
+        if count == 1 and pos < self.geo.blocks_count and not bits[pos >> 3] >> (pos & 7) & 1:
+            # Fast path for the many one-block files: the next block is free.
+            bits[pos >> 3] |= 1 << (pos & 7)
+            self.dirty_block_groups.add(pos // BLOCKS_PER_GROUP)
+            self._block_cursor = pos + 1
+            return [(pos, 1)]
         runs: list[tuple[int, int]] = []
         remaining = count
-        pos = self._block_cursor
         total = self.geo.blocks_count
         wrapped = False
         while remaining:
@@ -384,7 +391,9 @@ class Filesystem:
 
     def _allocate_inode(self, is_dir: bool) -> int:
         total = self.geo.inodes_count
-        bit = self.inode_map.find_clear(self._inode_cursor, total)
+        bit = self._inode_cursor
+        if bit >= total or self.inode_map.bits[bit >> 3] >> (bit & 7) & 1:
+            bit = self.inode_map.find_clear(bit, total)
         if bit is None:
             bit = self.inode_map.find_clear(FIRST_INO - 1, total)
             if bit is None:

@@ -83,6 +83,14 @@ def open_decompressed(raw: BinaryIO) -> BinaryIO:
     return buffered
 
 
+def _number(field_bytes: bytes, what: str, offset: int) -> int:
+    """Fast path for the common octal field ("0000644\0", "   644 "); anything else goes the long way."""
+    try:
+        return int(field_bytes.rstrip(b"\0"), 8)
+    except ValueError:
+        return _parse_number(field_bytes, what, offset)
+
+
 def _parse_number(field_bytes: bytes, what: str, offset: int) -> int:
     if field_bytes and field_bytes[0] & 0x80:
         # base-256 (GNU): big-endian two's complement with the top bit of the first byte as a marker
@@ -230,7 +238,7 @@ class TarReader:
                 raise StopIteration
             self._check_checksum(header, offset)
             typeflag = header[156:157]
-            size = _parse_number(header[124:136], "size", offset)
+            size = _number(header[124:136], "size", offset)
             if "size" in pax and typeflag not in (b"x", b"g"):
                 size = int(pax["size"])
             if typeflag in (b"x", b"g", b"L", b"K"):
@@ -286,12 +294,10 @@ class TarReader:
         long_name: bytes | None,
         long_link: bytes | None,
     ) -> TarEntry:
-        magic = header[257:263]
         name = _cstr(header[0:100])
-        if magic == b"ustar\0":  # POSIX ustar: a prefix may precede the name (GNU uses those bytes otherwise)
-            prefix = _cstr(header[345:500])
-            if prefix:
-                name = prefix + b"/" + name
+        if header[257:263] == b"ustar\0" and header[345] != 0:
+            # POSIX ustar: a prefix may precede the name (GNU uses those bytes for other things)
+            name = _cstr(header[345:500]) + b"/" + name
         if long_name is not None:
             name = long_name
         if "path" in pax:
@@ -306,25 +312,27 @@ class TarReader:
         if typeflag not in KNOWN_TYPES:
             shown = name.decode("utf-8", "backslashreplace")
             raise TarFormatError(f"unsupported tar entry type {typeflag!r} for {shown!r} at offset {offset}")
+        device = typeflag in (CHARDEV, BLOCKDEV)
         entry = TarEntry(
             name=name,
             type=typeflag,
-            mode=_parse_number(header[100:108], "mode", offset) & 0o7777,
-            uid=int(pax["uid"]) if "uid" in pax else _parse_number(header[108:116], "uid", offset),
-            gid=int(pax["gid"]) if "gid" in pax else _parse_number(header[116:124], "gid", offset),
+            mode=_number(header[100:108], "mode", offset) & 0o7777,
+            uid=int(pax["uid"]) if "uid" in pax else _number(header[108:116], "uid", offset),
+            gid=int(pax["gid"]) if "gid" in pax else _number(header[116:124], "gid", offset),
             size=size,
-            mtime=_parse_number(header[136:148], "mtime", offset),
+            mtime=_number(header[136:148], "mtime", offset),
             linkname=linkname,
-            devmajor=_parse_number(header[329:337], "devmajor", offset) if typeflag in (CHARDEV, BLOCKDEV) else 0,
-            devminor=_parse_number(header[337:345], "devminor", offset) if typeflag in (CHARDEV, BLOCKDEV) else 0,
+            devmajor=_number(header[329:337], "devmajor", offset) if device else 0,
+            devminor=_number(header[337:345], "devminor", offset) if device else 0,
             offset=offset,
         )
         if "mtime" in pax:
             entry.mtime, entry.mtime_ns = _parse_pax_time(pax["mtime"], offset)
-        for key, value in pax.items():
-            if key.startswith("SCHILY.xattr."):
-                entry.xattrs[key[len("SCHILY.xattr.") :]] = value
-        self._pax_sparse_0x(entry, pax)
+        if pax:
+            for key, value in pax.items():
+                if key.startswith("SCHILY.xattr."):
+                    entry.xattrs[key[len("SCHILY.xattr.") :]] = value
+            self._pax_sparse_0x(entry, pax)
         return entry
 
     @staticmethod
