@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converter.ext4 import ImageBuilder  # noqa: E402
-from converter.formats.layer import LayerBlobWriter  # noqa: E402
+from converter.ext4 import ImageBuilder
+from converter.formats.layer import LayerBlobWriter
 
 DEFAULT_DIRS = ["usr/share", "usr/lib/x86_64-linux-gnu", "usr/bin", "usr/include"]
 
