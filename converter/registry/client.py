@@ -629,7 +629,7 @@ class RegistryClient:
                 del chunk  # let the generator free this chunk before it builds the next
             computed = f"sha256:{hasher.hexdigest()}"
             self._verify_upload(repo, computed, offset, digest, size)
-        except (RegistryPermanentError, _UploadLost):
+        except (RegistryError, _UploadLost):  # never leave an upload session open behind us
             self._cancel_upload(location, repo)
             raise
         self._commit(repo, location, computed)
