@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.exceptions import HTTPException
 
 from webhook.auth import authorized
+from webhook.backend import JobBackend
 from webhook.config import Config, ConfigError, ensure_secret, load_config
 from webhook.metrics import make_registry
 from webhook.store import JobStore
@@ -23,7 +24,7 @@ class Services:
     """What request handlers need, reachable as `services()` inside a request."""
 
     config: Config
-    store: JobStore
+    store: JobBackend
     metrics: CollectorRegistry
 
 
@@ -31,7 +32,7 @@ def services() -> Services:
     return current_app.extensions["obd_webhook"]
 
 
-def create_app(config: Config, store: JobStore | None = None) -> Flask:
+def create_app(config: Config, store: JobBackend | None = None) -> Flask:
     """Build the WSGI app for `config`. `store` defaults to the SQLite store under `config.data_dir`."""
     if not config.secrets:
         raise ConfigError("no webhook secret configured: every hook and API call needs one "

@@ -23,7 +23,7 @@ import yaml
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
 DEFAULT_SUFFIX = "_obd"
-CONVERSION_OPTION_KEYS = frozenset({"oci", "referrer", "vsize", "algorithm", "platforms", "mkfs"})
+CONVERSION_OPTION_KEYS = frozenset({"oci", "referrer", "vsize", "algorithm", "platforms"})
 
 
 class ConfigError(ValueError):

@@ -16,13 +16,13 @@ from prometheus_client.core import (
     Metric,
 )
 
-from webhook.store import JobStore
+from webhook.backend import JobBackend
 
 PREFIX = "obd_webhook"
 
 
 class StoreCollector:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobBackend) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -66,7 +66,7 @@ class StoreCollector:
                                     buckets=buckets, sum_value=stats.duration_sum)
 
 
-def make_registry(store: JobStore) -> CollectorRegistry:
+def make_registry(store: JobBackend) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector(store))
     return registry
