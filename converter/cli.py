@@ -1,4 +1,4 @@
-"""`obd-convert`: inspect and dump overlaybd layer blobs; image conversion is wired in by convert_main()."""
+"""`obd-convert`: convert images (convert_main, the default command), inspect and dump overlaybd layer blobs."""
 
 from __future__ import annotations
 
@@ -18,10 +18,192 @@ from .formats.zfile import ZFileHeaderTrailer
 SUBCOMMANDS = ("inspect", "dump")
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _cert_pair(text: str) -> tuple[str, str]:
+    cert, sep, key = text.partition(":")
+    if not sep or not cert or not key:
+        raise argparse.ArgumentTypeError(f"expected CERT:KEY, got {text!r}")
+    return cert, key
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    """Flags of the reference userspace convertor, plus ours (see docs/pipeline.md)."""
+    p = argparse.ArgumentParser(
+        prog="obd-convert",
+        description="Convert an OCI/Docker image into overlaybd format and push it back. "
+                    "Other commands: `obd-convert inspect BLOB...`, `obd-convert dump -o DISK BLOB...`.")
+    src = p.add_argument_group("source and target")
+    src.add_argument("-r", "--repository", help="source repository, e.g. registry.example.com:5000/library/app")
+    src.add_argument("-i", "--input-tag", help="source tag")
+    src.add_argument("-g", "--input-digest", help="source digest (instead of a tag)")
+    src.add_argument("-o", "--output-tag", "--overlaybd", dest="output_tag",
+                     help="tag to push the overlaybd image as (default: <input-tag>_obd)")
+    src.add_argument("--output-repository", help="push into this repository instead of --repository "
+                     "(same registry, or a full reference host/repo)")
+    src.add_argument("--input", metavar="REF", help="source as a reference or oci:PATH[:TAG] (instead of -r/-i/-g)")
+    src.add_argument("--output", metavar="REF", help="target as a reference or oci:PATH[:TAG]")
+    reg = p.add_argument_group("registry access")
+    reg.add_argument("-u", "--username", metavar="USER[:PASSWORD]", help="registry credentials")
+    reg.add_argument("--plain", action="store_true", help="plain HTTP to the registry")
+    reg.add_argument("--insecure", action="store_true", help="do not verify the registry's TLS certificate")
+    reg.add_argument("--cert-dir", help="directory with CA certificates (*.crt) and client certificates")
+    reg.add_argument("--root-ca", help="additional CA certificate file")
+    reg.add_argument("--client-cert", type=_cert_pair, metavar="CERT:KEY", help="TLS client certificate and key")
+    conv = p.add_argument_group("conversion")
+    conv.add_argument("--oci", action="store_true", help="OCI media types for the output (default Docker)")
+    conv.add_argument("--referrer", action="store_true",
+                      help="push as a referrer of the source (artifactType + subject); implies --oci")
+    conv.add_argument("--mkfs", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+                      help="build the filesystem from scratch (default true); --mkfs=false stacks on --base-layer")
+    conv.add_argument("--base-layer", metavar="PATH", help="base layer for --mkfs=false "
+                      "(default /opt/overlaybd/baselayers/ext4_64)")
+    conv.add_argument("--vsize", type=int, default=64, metavar="GiB", help="virtual disk size in GiB (default 64)")
+    conv.add_argument("--fstype", default="ext4", help="filesystem type (only ext4)")
+    conv.add_argument("--algorithm", choices=("lz4", "zstd"), default="lz4", help="ZFile compression (default lz4)")
+    conv.add_argument("--block-size", type=int, default=4096, help="ZFile block size (default 4096)")
+    conv.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
+                      help="convert only these platforms of an index (repeatable)")
+    conv.add_argument("--concurrency-limit", type=int, default=4, help="platforms converted at once (default 4)")
+    conv.add_argument("--force", action="store_true", help="convert even if the target is up to date")
+    work = p.add_argument_group("files and output")
+    work.add_argument("-d", "--dir", help="directory for temporary blobs (default: system temp dir)")
+    work.add_argument("--cache-dir", help="reuse cache directory (default: user cache dir)")
+    work.add_argument("--no-cache", action="store_true", help="neither use nor record the reuse cache")
+    work.add_argument("--reserve", action="store_true", help="keep the temporary blobs")
+    work.add_argument("--no-upload", action="store_true", help="convert into --dir only, push nothing")
+    work.add_argument("--dump-manifest", action="store_true", help="print the converted manifest (or index)")
+    work.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    work.add_argument("--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _source_target(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    if ns.input:
+        source = ns.input
+    else:
+        if not ns.repository:
+            parser.error("give the source with -r/--repository and -i/--input-tag (or -g), or with --input")
+        if bool(ns.input_tag) == bool(ns.input_digest):
+            parser.error("give exactly one of -i/--input-tag and -g/--input-digest")
+        source = f"{ns.repository}:{ns.input_tag}" if ns.input_tag else f"{ns.repository}@{ns.input_digest}"
+    if ns.output:
+        return source, ns.output
+    tag = ns.output_tag or (f"{ns.input_tag}_obd" if ns.input_tag else None)
+    if not tag and not ns.no_upload:
+        parser.error("give the output tag with -o/--output-tag (or --output)")
+    repository = ns.repository
+    if ns.output_repository:
+        repository = ns.output_repository
+        if ns.repository and _has_host(ns.repository) and not _has_host(repository):
+            repository = ns.repository.split("/", 1)[0] + "/" + repository  # a bare name: the same registry
+    if not repository:
+        if not ns.no_upload:
+            parser.error("give the target with --output or --output-repository")
+        return source, "oci:unused"  # --no-upload writes into --dir only
+    return source, f"{repository}:{tag or 'latest_obd'}"
+
+
+def _has_host(repository: str) -> bool:
+    first = repository.split("/", 1)[0]
+    return "." in first or ":" in first or first == "localhost"
+
+
 def convert_main(argv: list[str]) -> int:
-    """Image conversion entry point (flags of the reference convertor); not part of this build yet."""
-    print("image conversion is not available in this build yet", file=sys.stderr)
-    return 2
+    """`obd-convert [flags]`: convert one image. Exit 0 on success, 1 permanent failure, 75 transient failure,
+    130 when interrupted (SIGINT/SIGTERM), 2 for usage errors."""
+    import logging
+    import signal
+    import threading
+
+    from .errors import ConversionError, TransientError
+    from .options import ConvertOptions, RegistryOptions
+    from .pipeline import ConversionAborted, convert
+
+    parser = build_convert_parser()
+    try:  # usage errors exit 2 through argparse; main() returns codes instead of exiting
+        ns = parser.parse_args(argv)
+        source, target = _source_target(ns, parser)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    username = password = None
+    if ns.username:
+        username, _, password = ns.username.partition(":")
+        if not password and sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"password for {username}: ")
+    cancel = threading.Event()
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if interrupted:  # a second signal: stop waiting for the clean abort
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        cancel.set()
+        print(f"obd-convert: {signal.Signals(signum).name} received, aborting (nothing will be tagged)",
+              file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    reporter = None
+    try:
+        registry = RegistryOptions(username=username, password=password, insecure=ns.insecure, plain_http=ns.plain,
+                                   cert_dir=ns.cert_dir, ca_file=ns.root_ca, client_cert=ns.client_cert)
+        options = ConvertOptions(
+            oci=ns.oci, referrer=ns.referrer, mkfs=ns.mkfs, base_layer=ns.base_layer, vsize=ns.vsize,
+            fstype=ns.fstype, algorithm=ns.algorithm, block_size=ns.block_size, platforms=tuple(ns.platform),
+            concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir,
+            use_cache=not ns.no_cache, force=ns.force, upload=not ns.no_upload, reserve=ns.reserve,
+            registry=registry, cancel=cancel)
+        if sys.stderr.isatty() and not ns.json:
+            from .progress import RichProgress
+
+            reporter = RichProgress()
+            options.progress = reporter
+            reporter.__enter__()
+        result = convert(source, target, options)
+    except (ConversionError, KeyboardInterrupt) as exc:
+        if reporter is not None:
+            reporter.__exit__(None, None, None)
+        aborted = bool(interrupted) or isinstance(exc, (KeyboardInterrupt, ConversionAborted))
+        reason = "interrupted, nothing tagged" if aborted else str(exc).splitlines()[0] if str(exc) else repr(exc)
+        code = 130 if aborted else 75 if isinstance(exc, TransientError) else 1
+        if ns.json:
+            print(json.dumps({"ok": False, "error": reason, "transient": isinstance(exc, TransientError),
+                              "source": source, "target": target}))
+        print(f"obd-convert: error: {reason}", file=sys.stderr)
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if reporter is not None:
+        reporter.__exit__(None, None, None)
+    if ns.json:
+        out = {"ok": True, **result.to_json()}
+        if ns.dump_manifest:
+            out["manifest"] = json.loads(result.raw)
+        print(json.dumps(out, indent=2))
+    elif ns.dump_manifest:
+        print(json.dumps(json.loads(result.raw), indent=2))
+    if not ns.json:
+        if result.up_to_date:
+            what = f"{result.target} is up to date ({result.target_digest})"
+        elif result.pushed:
+            what = (f"pushed {result.target} {result.target_digest}: {result.layers_converted} layers converted, "
+                    f"{result.layers_reused} reused, {result.blobs_uploaded} blobs uploaded in {result.seconds:.2f} s")
+        else:
+            what = f"converted into {result.output_dir} (not uploaded): {result.target_digest}"
+        print(what, file=sys.stderr)
+    return 0
 
 
 def _lsmt_ht(ht: LsmtHeaderTrailer) -> dict[str, Any]:
@@ -122,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] not in (*SUBCOMMANDS, "-h", "--help"):
+    if not args or args[0] not in SUBCOMMANDS:
         return convert_main(args)
     ns = build_parser().parse_args(args)
     return int(ns.func(ns))

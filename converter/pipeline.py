@@ -351,6 +351,16 @@ class _Conversion:
     def _subject(self, media_type: str, digest: str, size: int) -> dict[str, Any] | None:
         return {"mediaType": media_type, "digest": digest, "size": size} if self.opts.referrer else None
 
+    def _index_referrer(self, subject: str, raw: bytes, media_type: str) -> None:
+        if not self.opts.referrer or not self.opts.upload:
+            return
+        body = json.loads(raw)
+        descriptor = {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+                      "size": len(raw), "artifactType": body["artifactType"]}
+        if body.get("annotations"):
+            descriptor["annotations"] = body["annotations"]
+        self.dst.add_referrer(subject, descriptor)
+
     def _up_to_date(self, tag: str, source_digest: str) -> Manifest | None:
         """The target's manifest if it records this source and these options (one manifest GET)."""
         current = self.dst.find_manifest(tag)
@@ -419,6 +429,7 @@ class _Conversion:
         media_type = OCI_INDEX if self.opts.oci else DOCKER_LIST
         self.check_cancel()
         digest = self.dst.put_manifest(tag, raw, media_type)
+        self._index_referrer(top.digest, raw, media_type)
         self.emit("manifest_pushed", ref=tag, digest=digest, media_type=media_type)
         return digest, media_type, raw, results
 
@@ -469,6 +480,7 @@ class _Conversion:
         config_digest = self.dst.put_blob_bytes(config_out)
         out_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         pushed = self.dst.put_manifest(ref or out_digest, raw, out_type)
+        self._index_referrer(digest, raw, out_type)
         self.emit("manifest_pushed", ref=ref or out_digest, digest=pushed, media_type=out_type, platform=platform)
         return ManifestResult(platform, digest, pushed, out_type, len(raw), config_digest, results, raw, config_out)
 

@@ -24,6 +24,7 @@ from .image import ImageError, canonical, sha256_digest
 from .options import RegistryOptions
 from .registry import (
     MANIFEST_TYPES,
+    OCI_INDEX,
     Credentials,
     DigestMismatchError,
     Manifest,
@@ -170,6 +171,18 @@ class Store:
     def put_manifest(self, ref: str, raw: bytes, media_type: str) -> str:
         raise NotImplementedError
 
+    def add_referrer(self, subject: str, descriptor: Mapping[str, Any]) -> None:
+        """Make `descriptor` findable as a referrer of `subject` without the referrers API: the OCI
+        distribution 1.1 tag schema (an OCI index tagged `sha256-<hex>` listing the referrers)."""
+        tag = subject.replace(":", "-", 1)
+        current = self.find_manifest(tag)
+        manifests = list(json.loads(current.raw).get("manifests") or []) if current is not None else []
+        if any(m.get("digest") == descriptor["digest"] for m in manifests):
+            return
+        manifests.append(dict(descriptor))
+        self.put_manifest(tag, canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
+                          OCI_INDEX)
+
     def fetch_blob(self, digest: str, size: int, dest: str) -> str:
         """A local file with the blob's bytes: `dest` after a verified download (layouts return their own file)."""
         with self.open_blob(digest, size) as src, open(dest, "wb") as out:
@@ -212,6 +225,12 @@ class RegistryStore(Store):
 
     def put_manifest(self, ref: str, raw: bytes, media_type: str) -> str:
         return self.client.put_manifest(self.repository, ref, raw, media_type)
+
+    def add_referrer(self, subject: str, descriptor: Mapping[str, Any]) -> None:
+        # A registry with the referrers API indexes the pushed manifest itself.
+        if any(d.get("digest") == descriptor["digest"] for d in self.client.referrers(self.repository, subject)):
+            return
+        super().add_referrer(subject, descriptor)
 
 
 class LayoutStore(Store):
