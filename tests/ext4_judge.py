@@ -305,7 +305,9 @@ def debugfs_tree(disk: Path, *, skip: tuple[str, ...] = ("/lost+found",)) -> Tre
             if not raw_line.startswith(b"/") or current is None:
                 continue
             fields = raw_line.split(b"/")
-            ino, mode, uid, gid = int(fields[1]), int(fields[2], 8), int(fields[3]), int(fields[4])
+            # debugfs prints ids as signed 32-bit numbers
+            ino, mode = int(fields[1]), int(fields[2], 8)
+            uid, gid = int(fields[3]) & 0xFFFFFFFF, int(fields[4]) & 0xFFFFFFFF
             name = b"/".join(fields[5:-2]).decode("utf-8", "surrogateescape")
             size = fields[-2].decode()
             if ino == 0:  # htree index blocks look like one empty entry to a linear reader

@@ -25,7 +25,9 @@ needs_vectors = pytest.mark.skipif(not REAL.is_dir(), reason="shared/vectors is 
 needs_mount = pytest.mark.skipif(not judge.can_mount(), reason="loop mounts need root and /dev/loop-control")
 
 
-def build(tmp_path: Path, layers: list[bytes], *, vsize: int = VSIZE, check_each: bool = True) -> Path:
+def build(
+    tmp_path: Path, layers: list[bytes], *, vsize: int = VSIZE, check_each: bool = True, debugfs: bool = True
+) -> Path:
     """Convert layers into real overlaybd layer blobs; after each one, stack the blobs with our reader,
     materialise the disk and require it to be e2fsck-clean and to match the independent OCI model."""
     disk = tmp_path / "disk.raw"
@@ -40,7 +42,8 @@ def build(tmp_path: Path, layers: list[bytes], *, vsize: int = VSIZE, check_each
                 stack.materialize(disk)
             judge.e2fsck(disk)
             expected = judge.expected_tree(layers[: k + 1])
-            judge.assert_same_tree(judge.debugfs_tree(disk), expected, fields=DEBUGFS_FIELDS)
+            if debugfs or not judge.can_mount():  # debugfs rdump is slow for huge trees; the kernel judges those
+                judge.assert_same_tree(judge.debugfs_tree(disk), expected, fields=DEBUGFS_FIELDS)
             if judge.can_mount():
                 with judge.mounted(disk) as root:
                     judge.assert_same_tree(judge.kernel_tree(root), expected)
@@ -178,6 +181,8 @@ def torture_layers() -> list[bytes]:
             L.file("recreate/me", b"v2"),
             L.file("samelayer", b"kept"),
             L.whiteout("samelayer"),  # whiteouts spare paths of their own layer
+            L.file("etc/acl-dir/new-in-layer3", b"y"),  # etc/acl-dir existed below: now part of this layer
+            L.opaque("etc"),  # hides lower etc/* except the path just written through etc/acl-dir
         ]
     )
     layer4 = L.make_tar([L.whiteout("etc/random"), L.whiteout("dev")])  # a layer that only deletes
@@ -200,10 +205,11 @@ def test_torture_image_details_seen_by_the_kernel(tmp_path: Path) -> None:
         assert sorted(p.name for p in (root / "opaque/keep-dir").iterdir()) == ["upper"]
         assert (root / "hl/b").read_bytes() == b"shared" and (root / "hl/b").stat().st_nlink == 1
         assert (root / "recreate/me").read_bytes() == b"v2"
+        assert (root / "hl/b").read_bytes() == b"shared"
         assert (root / "samelayer").read_bytes() == b"kept"
         assert (root / "etc").stat().st_mode & 0o7777 == 0o700
-        assert (root / "etc/one").stat().st_nlink == 2
-        assert (root / "etc/nanos").stat().st_mtime_ns == 1700000000_125000000
+        assert sorted(p.name for p in (root / "etc").iterdir()) == ["acl-dir"]
+        assert sorted(p.name for p in (root / "etc/acl-dir").iterdir()) == ["new-in-layer3"]
         assert (root / "dev/bignum").stat().st_rdev == __import__("os").makedev(300, 70000)
 
 
@@ -213,7 +219,7 @@ def test_torture_image_details_seen_by_the_kernel(tmp_path: Path) -> None:
 
 def test_20000_entry_directory_is_an_htree_and_clean(tmp_path: Path) -> None:
     entries = [L.dir("big")] + [L.file(f"big/entry-{i:05d}-{'x' * (i % 40)}", b"") for i in range(20000)]
-    disk = build(tmp_path, [L.make_tar(entries)])
+    disk = build(tmp_path, [L.make_tar(entries)], debugfs=False)
     out = subprocess.run(["debugfs", "-R", "htree_dump /big", str(disk)], capture_output=True, text=True)
     assert "Indirect levels: 0" in out.stdout and "Number of entries (count):" in out.stdout
 
@@ -221,14 +227,14 @@ def test_20000_entry_directory_is_an_htree_and_clean(tmp_path: Path) -> None:
 def test_two_level_htree_for_a_huge_directory(tmp_path: Path) -> None:
     # Long names make leaves hold few entries, so > 508 leaves force an index level.
     entries = [L.dir("d")] + [L.file(f"d/{i:06d}" + "z" * 200, b"") for i in range(12000)]
-    disk = build(tmp_path, [L.make_tar(entries)], check_each=False)
+    disk = build(tmp_path, [L.make_tar(entries)], check_each=False, debugfs=False)
     out = subprocess.run(["debugfs", "-R", "htree_dump /d", str(disk)], capture_output=True, text=True)
     assert "Indirect levels: 1" in out.stdout
 
 
 def test_60000_small_files(tmp_path: Path) -> None:
     entries = [L.file(f"d{i // 1000:02d}/f{i:05d}", str(i).encode()) for i in range(60000)]
-    build(tmp_path, [L.compress(L.make_tar(entries))], check_each=False)
+    build(tmp_path, [L.compress(L.make_tar(entries))], check_each=False, debugfs=False)
 
 
 def test_file_larger_than_4_gib_from_a_sparse_tar(tmp_path: Path) -> None:
@@ -270,15 +276,27 @@ def test_tar_flavours(tmp_path: Path, fmt: str) -> None:
     build(tmp_path, [L.make_tar(entries, format=fmt)])
 
 
-def test_python_tarfile_gnu_old_sparse_and_base256(tmp_path: Path) -> None:
+def test_base256_ids_from_a_gnu_header(tmp_path: Path) -> None:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
         info = tarfile.TarInfo("bigid")
-        info.uid = 1 << 40  # base-256 in a GNU header
-        info.size = 1
+        info.uid, info.gid, info.size = 5_000_000, 4_000_000_000, 1  # too big for octal: base-256 fields
+        tf.addfile(info, io.BytesIO(b"1"))
+    header = out.getvalue()[:512]
+    assert header[108] & 0x80 and header[116] & 0x80
+    disk = build(tmp_path, [out.getvalue()])
+    stat_out = subprocess.run(["debugfs", "-R", "stat /bigid", str(disk)], capture_output=True, text=True).stdout
+    assert "User: 5000000" in stat_out
+
+
+def test_ids_beyond_32_bits_are_refused(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("hugeid")
+        info.uid, info.size = 1 << 40, 1
         tf.addfile(info, io.BytesIO(b"1"))
     disk = tmp_path / "disk.raw"
-    with RawDisk(disk, VSIZE) as raw, pytest.raises(LayerApplyError, match="uid/gid out of range"):
+    with RawDisk(disk, VSIZE) as raw, pytest.raises(LayerApplyError, match="entry 'hugeid': uid/gid out of range"):
         ImageBuilder(VSIZE).apply_layer(io.BytesIO(out.getvalue()), raw, label="base256")
 
 
@@ -351,3 +369,37 @@ def test_same_image_twice_gives_identical_blocks() -> None:
             builder.apply_layer(io.BytesIO(layer), sink)
         digests.append([s.h.hexdigest() for s in sinks])
     assert digests[0] == digests[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# GNU tar's own sparse formats: old GNU ('S' headers), PAX 0.0, 0.1 and 1.0
+
+
+@pytest.mark.parametrize("version", ["gnu", "0.0", "0.1", "1.0"])
+def test_gnu_tar_sparse_formats(tmp_path: Path, version: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 100 << 20
+    pieces = {0: b"start", (50 << 20) + 77: b"middle", size - 3: b"end"}
+    with open(src / "sparse.img", "wb") as f:
+        f.truncate(size)
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+    fmt = ["--format=gnu"] if version == "gnu" else ["--format=posix", f"--sparse-version={version}"]
+    tar = subprocess.run(["tar", "--sparse", *fmt, "-C", str(src), "-cf", "-", "sparse.img"],
+                         capture_output=True, check=True).stdout  # fmt: skip
+    assert len(tar) < 1 << 20  # really stored sparse
+    disk = tmp_path / "disk.raw"
+    with RawDisk(disk, VSIZE) as raw:
+        ImageBuilder(VSIZE).apply_layer(io.BytesIO(tar), raw)
+    judge.e2fsck(disk)
+    dumped = tmp_path / "out.img"
+    subprocess.run(["debugfs", "-R", f"dump /sparse.img {dumped}", str(disk)], capture_output=True, check=True)
+    assert dumped.stat().st_size == size
+    with open(dumped, "rb") as f:
+        for offset, data in pieces.items():
+            f.seek(offset)
+            assert f.read(len(data)) == data
+    blocks = subprocess.run(["debugfs", "-R", "stat /sparse.img", str(disk)], capture_output=True, text=True)
+    assert "Blockcount: 24" in blocks.stdout  # three data blocks of 4 KiB, the holes stay unallocated
