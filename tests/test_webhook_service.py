@@ -51,6 +51,7 @@ def test_burst_of_200_with_kill9_then_restart_converts_every_accepted_event_once
     events = [distribution_event(repository=f"burst/app{i % 20}", tag=f"t{i}") for i in range(200)]
     acknowledged: set[str] = set()
     lock = threading.Lock()
+    killed = threading.Event()
 
     def sender(chunk: list[dict]) -> None:
         for event in chunk:
@@ -61,16 +62,20 @@ def test_burst_of_200_with_kill9_then_restart_converts_every_accepted_event_once
             if ok:
                 with lock:
                     acknowledged.add(event["id"])
+                    kill_now = len(acknowledged) >= 100 and not killed.is_set()
+                    if kill_now:
+                        killed.set()
+                if kill_now:  # while the other senders keep posting
+                    service.kill9()
 
     try:
         threads = [threading.Thread(target=sender, args=(events[i::4],)) for i in range(4)]
         for thread in threads:
             thread.start()
-        wait_until(lambda: len(acknowledged) >= 100, timeout=60, what="100 acknowledged events")
-        service.kill9()
-        killed_pids = {r["pid"] for r in read_records(record)}
         for thread in threads:
-            thread.join(30)
+            thread.join(60)
+        assert killed.is_set()
+        killed_pids = {r["pid"] for r in read_records(record)}
         assert 100 <= len(acknowledged) < 200, "the kill should land in the middle of the burst"
 
         service = ServeProcess(tmp_path / "data", env).start()
