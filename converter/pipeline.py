@@ -153,9 +153,9 @@ class _SourceStream(io.RawIOBase):
     the pipeline re-raise registry errors with their transient/permanent class intact.
     """
 
-    def __init__(self, raw: BinaryIO, cancel: threading.Event, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, raw: BinaryIO, cancelled: Callable[[], bool], on_bytes: Callable[[int], None]) -> None:
         super().__init__()
-        self._raw, self._cancel, self._on_bytes = raw, cancel, on_bytes
+        self._raw, self._cancelled, self._on_bytes = raw, cancelled, on_bytes
         self.count = 0
         self.error: BaseException | None = None
 
@@ -163,7 +163,7 @@ class _SourceStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self._cancel.is_set():
+        if self._cancelled():
             self.error = self.error or ConversionAborted("conversion cancelled")
             raise self.error
         try:
@@ -274,23 +274,12 @@ class _Conversion:
         if opts.use_cache and opts.upload:
             self.cache = LayerCache(opts.cache_dir)
         self.base: BlobInfo | None = None
-        self._base_disk_size = 0
-        self._watch_external_cancel()
 
-    def _watch_external_cancel(self) -> None:
-        external = self.opts.cancel
-        if external is None:
-            return
-
-        def relay() -> None:
-            while not self.cancel.is_set():
-                if external.wait(0.2):
-                    self.cancel.set()
-
-        threading.Thread(target=relay, name="obd-cancel-relay", daemon=True).start()
+    def cancelled(self) -> bool:
+        """Our own flag (a sibling platform failed) or the caller's (SIGINT/SIGTERM in the CLI)."""
+        return self.cancel.is_set() or (self.opts.cancel is not None and self.opts.cancel.is_set())
 
     def close(self) -> None:
-        self.cancel.set()  # also stops the relay thread
         if self.cache is not None:
             self.cache.close()
 
@@ -300,7 +289,7 @@ class _Conversion:
                 self.opts.progress(event, data)
 
     def check_cancel(self) -> None:
-        if self.cancel.is_set():
+        if self.cancelled():
             raise ConversionAborted("conversion cancelled")
 
     # ------------------------------------------------------------------ top level
@@ -376,10 +365,8 @@ class _Conversion:
     def _prepare_base(self) -> None:
         """--mkfs=false: the base layer wrapped like the reference's uploadBaseLayer (§3.2), pushed as layer 0."""
         assert self.opts.base_layer is not None
-        try:
+        try:  # wrap_blob validates the layer (tar, ZFile, LSMT checks) while copying it
             self.base = wrap_blob(self.opts.base_layer, self.run_dir / "baselayer.tar")
-            with StackedReader([self.base.path]) as disk:
-                self._base_disk_size = disk.virtual_size
         except FormatError as exc:
             raise ImageError(f"base layer {self.opts.base_layer}: {exc}") from exc
         if self.opts.upload:
@@ -541,7 +528,7 @@ class _Conversion:
         parent = image.layers[layer.index - 1].uuid if layer.index else None
         path = self.run_dir / f"{tag}-layer-{layer.index}.obd"
         raw = self.src.open_blob(layer.digest, layer.size)
-        source = _SourceStream(raw, self.cancel, lambda n: self.emit("layer_bytes", platform=platform,
+        source = _SourceStream(raw, self.cancelled, lambda n: self.emit("layer_bytes", platform=platform,
                                                                       index=layer.index, bytes=n))
         decompressed: BinaryIO | None = None
         try:
@@ -574,6 +561,8 @@ class _Conversion:
         try:
             return builder.apply_layer(tar, writer, label=label)
         except LayerApplyError as exc:
+            if isinstance(source.error, DigestMismatchError):
+                raise LayerConversionError(f"layer {label}: {source.error}", layer=label) from exc
             if isinstance(source.error, ConversionError):
                 raise source.error from exc  # registry trouble or cancel: keep its class
             if isinstance(source.error, Exception):
@@ -614,7 +603,7 @@ class _Conversion:
                 self.bytes_written += info.size
 
     def _upload_layer(self, info: BlobInfo, layer: SourceLayer) -> None:
-        if self.cancel.is_set():
+        if self.cancelled():
             return
         started = time.monotonic()
         self._put_blob(info, delete=self.opts.upload)
