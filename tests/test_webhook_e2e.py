@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from werkzeug.wrappers import Request
 
 from tests.harness import layers as L
@@ -32,6 +33,8 @@ from tests.test_webhook_support import (
     serve_app,
     wait_until,
 )
+from webhook.cli import distribution_snippet
+from webhook.config import Config
 
 SKOPEO_COPY = "tests.test_webhook_support:skopeo_copy_convert"
 TERMINAL = {"succeeded", "dead", "superseded"}
@@ -242,3 +245,25 @@ def test_registry_failing_pushes_then_permanent_refusal_and_manual_retry(tmp_pat
             assert sorted(proxy.refused) == [(403, "DENIED"), (503, "UNAVAILABLE"), (503, "UNAVAILABLE")]
         finally:
             service.stop()
+
+
+def test_printed_distribution_snippet_configures_a_real_registry(tmp_path: Path, registry_factory) -> None:
+    """The `notifications` block that `serve`/`snippets` print, pasted as is into a real registry."""
+    service = ServeProcess(tmp_path / "data", {"OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY,
+                                               "TMPDIR": str(tmp_path)}).start()
+    try:
+        snippet = yaml.safe_load(distribution_snippet(Config(listen=f"127.0.0.1:{service.port}"), SECRET))
+        registry = registry_factory(extra_config=snippet)
+        image = build_layout(tmp_path / "img", Image([[L.file("s.txt", b"snippet\n")]]))
+        digest = push_image(image, registry, "snip/app:v1")
+        wait_until(lambda: [j["state"] for j in all_jobs(service)] == ["succeeded"], timeout=60,
+                   what="conversion through the pasted snippet")
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, what="delivered")
+        assert tags(registry, "snip/app") == {"v1", "v1_obd"}
+        assert manifest_digest(registry, "snip/app", "v1_obd") == digest
+        metrics = requests.get(service.url + "/metrics", headers=AUTH, timeout=5).text
+        # The registry-side filters let only the two manifest pushes through (ours and the service's).
+        assert 'obd_webhook_events_received_total{source="distribution"} 2.0' in metrics
+        assert 'obd_webhook_events_ignored_total{reason="output_tag"} 1.0' in metrics
+    finally:
+        service.stop()

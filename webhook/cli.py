@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -59,21 +60,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def snippets_text(config: Config, secret: str, origin: str) -> str:
-    base = f"http://{config.listen}"
+def distribution_snippet(config: Config, secret: str) -> str:
+    """The `notifications` block for a Distribution registry's config.yml."""
     return f"""\
-Webhook secret ({origin}; `obd-webhook snippets` prints all this again):
-
-    {secret}
-
-Docker Distribution / GitLab registry, config.yml:
-
 notifications:
   events:
     includereferences: true
   endpoints:
     - name: obd-autoconvert
-      url: {base}/hooks/distribution
+      url: http://{config.listen}/hooks/distribution
       headers:
         Authorization: [Bearer {secret}]
       timeout: 1s
@@ -82,17 +77,33 @@ notifications:
       ignoredmediatypes: [application/octet-stream]   # needed on 2.8.x for the action filter to apply
       ignore:
         actions: [pull, mount, delete]
+"""
 
+
+def harbor_policy(config: Config, secret: str) -> dict[str, object]:
+    """The body of Harbor's `POST /api/v2.0/projects/<project>/webhook/policies`."""
+    return {"name": "obd-autoconvert", "enabled": True, "event_types": ["PUSH_ARTIFACT"],
+            "targets": [{"type": "http", "address": f"http://{config.listen}/hooks/harbor",
+                         "auth_header": f"Bearer {secret}", "payload_format": "Default"}]}
+
+
+def snippets_text(config: Config, secret: str, origin: str) -> str:
+    policy = json.dumps(harbor_policy(config, secret))
+    return f"""\
+Webhook secret ({origin}; `obd-webhook snippets` prints all this again):
+
+    {secret}
+
+Docker Distribution / GitLab registry, config.yml:
+
+{distribution_snippet(config, secret)}
 Harbor (project > Webhooks > New webhook, or the API):
 
-  Endpoint URL: {base}/hooks/harbor      Auth header: Bearer {secret}
+  Endpoint URL: http://{config.listen}/hooks/harbor      Auth header: Bearer {secret}
   Event type: Artifact pushed            Payload format: Default or CloudEvents
 
   curl -u admin -H 'Content-Type: application/json' -X POST \\
-    https://<harbor>/api/v2.0/projects/<project>/webhook/policies \\
-    -d '{{"name": "obd-autoconvert", "enabled": true, "event_types": ["PUSH_ARTIFACT"],
-         "targets": [{{"type": "http", "address": "{base}/hooks/harbor",
-                      "auth_header": "Bearer {secret}", "payload_format": "Default"}}]}}'
+    https://<harbor>/api/v2.0/projects/<project>/webhook/policies -d '{policy}'
 """
 
 
