@@ -15,7 +15,7 @@ Everything is derived from the inputs: no clock, no random UUID, so equal inputs
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -231,8 +231,10 @@ class Inode:
         return kind in (S_IFREG, S_IFDIR) or (kind == S_IFLNK and len(self.target) > FAST_SYMLINK_MAX)
 
 
-def _runs_to_extents(runs: Iterable[tuple[int, int]], logical: int = 0) -> list[Extent]:
+def _runs_to_extents(runs: list[tuple[int, int]], logical: int = 0) -> list[Extent]:
     """Cut physical runs into extents of at most 32768 blocks, numbering file blocks from `logical`."""
+    if len(runs) == 1 and runs[0][1] <= EXT_MAX_INIT_LEN:  # the common case: one short run
+        return [Extent(logical, runs[0][0], runs[0][1])]
     out: list[Extent] = []
     for start, count in runs:
         while count:
@@ -551,7 +553,7 @@ class Filesystem:
         elif len(physical) < len(blocks):
             for start, count in self.allocate_blocks(len(blocks) - len(physical)):
                 physical.extend(range(start, start + count))
-        inode.extents = _runs_to_extents(_runs_of(physical))
+        inode.extents = _runs_to_extents(list(_runs_of(physical)))
         self._write_run(sink, physical, blocks)
         inode.size = len(blocks) * BLOCK_SIZE
         inode.flags = EXT4_EXTENTS_FL | (EXT4_INDEX_FL if indexed else 0)
