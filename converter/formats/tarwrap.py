@@ -195,7 +195,10 @@ def read_tar_wrapping(view: RandomAccess) -> TarWrapping:
         member = view.pread(2 * TAR_BLOCK, TAR_BLOCK)
         _check_header(member, f"{name}: tar member header at byte {2 * TAR_BLOCK}")
         form, data_offset = "pax", PAX_DATA_OFFSET
-        size = int(records.get("size", "0") or 0)
+        try:
+            size = int(records.get("size", "0") or 0)
+        except ValueError:
+            raise FormatError(f"{name}: PAX record 'size' is not a number: {records['size']!r}") from None
         if size <= 0:
             size = _parse_number(_get(member, _SIZE), f"{name}: tar member size field")
     else:

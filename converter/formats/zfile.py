@@ -10,11 +10,11 @@ from __future__ import annotations
 import functools
 import io
 import os
+import queue
 import struct
 import sys
 import threading
 from array import array
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -221,8 +221,11 @@ class ZFileWriter:
         workers = workers or os.cpu_count() or 1
         self._batch = max(BATCH_BYTES, block_size)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zfile")
-        self._max_inflight = 2 * workers
-        self._inflight: deque[Future[tuple[list[bytes], array]]] = deque()
+        # Compressed batches are written, in submission order, by one writer thread, so the caller (the
+        # ext4 builder) never waits on a write; the bounded queue keeps at most 2 x workers batches in flight.
+        self._inflight: queue.Queue[Future[tuple[list[bytes], array]] | None] = queue.Queue(maxsize=2 * workers)
+        self._writer_error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="zfile-writer", daemon=True)
         self._pending = bytearray()
         self._table = array("I")
         self._in_bytes = 0
@@ -230,6 +233,7 @@ class ZFileWriter:
         # an unbuffered file gets the compressed parts by os.writev; anything else by write()
         self._fd = out.fileno() if isinstance(out, io.FileIO) else None
         out.write(bytes(ZF_HT_SPACE))
+        self._writer.start()
 
     def write(self, data: BytesLike) -> None:
         """Append bytes. They are copied or compressed before this returns, so the caller may reuse its
@@ -252,10 +256,26 @@ class ZFileWriter:
             self._pending += mv
 
     def _submit(self, chunk: BytesLike) -> None:
+        if self._writer_error is not None:
+            raise self._writer_error
         self._in_bytes += len(chunk)
-        self._inflight.append(self._pool.submit(compress_batch, chunk, self.block_size, self.algo, self.verify))
-        while self._inflight and (len(self._inflight) > self._max_inflight or self._inflight[0].done()):
-            self._emit(*self._inflight.popleft().result())
+        self._inflight.put(self._pool.submit(compress_batch, chunk, self.block_size, self.algo, self.verify))
+
+    def _write_loop(self) -> None:
+        while True:
+            future = self._inflight.get()
+            if future is None:
+                return
+            if self._writer_error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                self._emit(*future.result())
+            except BaseException as exc:  # handed to the producer thread, raised there
+                self._writer_error = exc
+
+    def _finish_writer(self) -> None:
+        self._inflight.put(None)
+        self._writer.join()
 
     def _emit(self, parts: list[bytes], lengths: array) -> None:
         if self._fd is None:
@@ -269,9 +289,10 @@ class ZFileWriter:
         if self._pending:
             chunk, self._pending = self._pending, bytearray()
             self._submit(chunk)
-        while self._inflight:
-            self._emit(*self._inflight.popleft().result())
+        self._finish_writer()
         self._pool.shutdown()
+        if self._writer_error is not None:
+            raise self._writer_error
         check_jump_lengths(self._table, 0, self.block_size, self.verify, "ZFile writer")
         table = self._table.tobytes() if _LITTLE_ENDIAN_HOST else _le_table(self._table)
         index_offset = ZF_HT_SPACE + self._payload_bytes
@@ -288,10 +309,10 @@ class ZFileWriter:
         return ZFileStats(zfile_size=end - self._start, blocks=len(self._table), original_size=self._in_bytes)
 
     def abort(self) -> None:
-        for fut in self._inflight:
-            fut.cancel()
-        self._inflight.clear()
-        self._pool.shutdown(wait=True)
+        self._writer_error = self._writer_error or FormatError("ZFile writer aborted")
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._writer.is_alive():
+            self._finish_writer()
 
 
 def _writev_all(fd: int, parts: list[bytes]) -> None:
