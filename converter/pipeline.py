@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -178,13 +179,27 @@ class _SourceStream(io.RawIOBase):
 
 
 class _HashingStream(io.RawIOBase):
-    """The decompressed tar as read by the builder, hashed on the way (the layer's diff_id)."""
+    """The decompressed tar as read by the builder, hashed on the way (the layer's diff_id).
+
+    The builder's thread is the critical path, so sha256 runs in a helper thread fed through a bounded queue
+    (a copy per chunk costs far less than hashing it; at most HASH_QUEUE chunks are in flight).
+    """
+
+    HASH_QUEUE = 8
 
     def __init__(self, raw: BinaryIO) -> None:
         super().__init__()
         self._raw = raw
-        self.hash = hashlib.sha256()
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.HASH_QUEUE)
+        self._thread = threading.Thread(target=self._hash_loop, name="obd-diffid", daemon=True)
+        self._thread.start()
+        self._finished = False
         self.count = 0
+
+    def _hash_loop(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
 
     def readable(self) -> bool:
         return True
@@ -192,13 +207,25 @@ class _HashingStream(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
         if n:
-            self.hash.update(memoryview(buffer)[:n])
+            self._queue.put(bytes(memoryview(buffer)[:n]))
             self.count += n
         return n or 0
 
     def drain(self) -> None:
         while self.readinto(bytearray(1 << 20)):
             pass
+
+    def hexdigest(self) -> str:
+        """Wait for the hasher and return the digest of everything read."""
+        self.close()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._queue.put(None)
+            self._thread.join()
+        super().close()
 
 
 class _Uploader:
@@ -531,6 +558,7 @@ class _Conversion:
         source = _SourceStream(raw, self.cancelled, lambda n: self.emit("layer_bytes", platform=platform,
                                                                       index=layer.index, bytes=n))
         decompressed: BinaryIO | None = None
+        tar: _HashingStream | None = None
         try:
             with LayerBlobWriter(path, virtual_size=builder.vsize, uuid=layer.uuid, parent_uuid=parent,
                                  algorithm=self.opts.algorithm, block_size=self.opts.block_size) as writer:
@@ -543,6 +571,8 @@ class _Conversion:
             info = writer.info
             assert info is not None
         finally:
+            if tar is not None:
+                tar.close()
             if decompressed is not None:
                 with contextlib.suppress(Exception):
                     decompressed.close()
@@ -582,7 +612,7 @@ class _Conversion:
         except (OSError, EOFError, ValueError) as exc:
             raise LayerConversionError(f"layer {layer.label}: cannot read layer data after the tar end: {exc}",
                                        layer=layer.label) from exc
-        diff_id = "sha256:" + tar.hash.hexdigest()
+        diff_id = "sha256:" + tar.hexdigest()
         if self.opts.verify_diff_ids and diff_id != layer.diff_id:
             raise LayerConversionError(f"layer {layer.label}: uncompressed content has digest {diff_id}, but the "
                                        f"config's rootfs.diff_ids[{layer.index}] says {layer.diff_id}",
