@@ -17,11 +17,21 @@ import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests.harness import oci
 from tests.harness.receiver import Receiver
 from tests.harness.registry import Registry, start_registry
+
+
+# Property-based tests explore new examples on developer machines; CI replays a fixed derivation so a
+# red CI run always reproduces (failures found locally are kept in .hypothesis/ and replayed first).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
