@@ -14,10 +14,9 @@ Fixtures (all function-scoped; a registry starts in ~50 ms):
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import os
 
 import pytest
 from hypothesis import settings
@@ -25,7 +24,6 @@ from hypothesis import settings
 from tests.harness import oci
 from tests.harness.receiver import Receiver
 from tests.harness.registry import Registry, start_registry
-
 
 # Property-based tests explore new examples on developer machines; CI replays a fixed derivation so a
 # red CI run always reproduces (failures found locally are kept in .hypothesis/ and replayed first).
