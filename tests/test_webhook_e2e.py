@@ -22,6 +22,8 @@ from werkzeug.wrappers import Request
 from tests.harness import layers as L
 from tests.harness.oci import Image, build_layout, push_image
 from tests.harness.registry import Endpoint
+from tests.registry_helpers import client_for
+from tests.test_pipeline_registry import VSIZE_GIB, app_image, layer_blobs, pull_and_judge
 from tests.test_webhook_support import (
     AUTH,
     SECRET,
@@ -265,5 +267,55 @@ def test_printed_distribution_snippet_configures_a_real_registry(tmp_path: Path,
         # The registry-side filters let only the two manifest pushes through (ours and the service's).
         assert 'obd_webhook_events_received_total{source="distribution"} 2.0' in metrics
         assert 'obd_webhook_events_ignored_total{reason="output_tag"} 1.0' in metrics
+    finally:
+        service.stop()
+
+
+def test_real_conversion_pipeline_end_to_end(tmp_path: Path, registry_factory) -> None:
+    """The default hook (`converter.pipeline.convert`): pushes of a single-arch image and of a 2-platform
+    index become real overlaybd `<tag>_obd` images, judged like the pipeline's own tests (layer
+    annotations and UUIDs, stacked disk e2fsck-clean with the image's tree); the service's own pushes
+    are ignored."""
+    service = ServeProcess(tmp_path / "data", {"TMPDIR": str(tmp_path)})
+    registry = registry_factory(notifications=[Endpoint(
+        url=service.url + "/hooks/distribution", headers={"Authorization": [f"Bearer {SECRET}"]},
+        ignored_mediatypes=["application/octet-stream"], ignore_actions=["pull", "mount", "delete"])])
+    config = tmp_path / "webhook.yaml"
+    config.write_text(yaml.safe_dump({
+        "rules": [{"name": "all", "options": {"vsize": VSIZE_GIB, "cache_dir": str(tmp_path / "cache"),
+                                              "work_dir": str(tmp_path)}}],
+        "registries": {registry.host: {"endpoint": f"http://{registry.host}", "insecure": True}},
+    }))
+    service.env["OBD_WEBHOOK_CONFIG"] = str(config)
+    service.start()
+    try:
+        single = build_layout(tmp_path / "single", app_image())
+        multi = build_layout(tmp_path / "multi", [app_image("amd64"), app_image("arm64", b"arm")])
+        push_image(single, registry, "real/app:v1")
+        push_image(multi, registry, "real/multi:v1")
+        wait_until(lambda: len(all_jobs(service)) == 2 and all(j["state"] in TERMINAL for j in all_jobs(service)),
+                   timeout=240, interval=0.5, what="two real conversions")
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, what="events delivered")
+        jobs = {j["repository"]: j for j in all_jobs(service)}
+        assert {j["state"] for j in jobs.values()} == {"succeeded"}, [j["last_error"] for j in jobs.values()]
+        assert len(all_jobs(service)) == 2  # the service's own pushes made no jobs
+        assert tags(registry, "real/app") == {"v1", "v1_obd"}
+        assert tags(registry, "real/multi") == {"v1", "v1_obd"}
+
+        client = client_for(registry)
+        converted = jobs["real/app"]["result"]["target_digest"]
+        assert manifest_digest(registry, "real/app", "v1_obd") == converted
+        pull_and_judge(client, "real/app", converted, layer_blobs(single, single.manifests[0]), tmp_path,
+                       oci_types=False)
+        index = json.loads(requests.get(f"{registry.url}/v2/real/multi/manifests/v1_obd", timeout=5, headers={
+            "Accept": "application/vnd.docker.distribution.manifest.list.v2+json"}).content)
+        children = {m["platform"]["architecture"]: m["digest"] for m in index["manifests"]}
+        assert set(children) == {"amd64", "arm64"}
+        for k, arch in enumerate(("amd64", "arm64")):
+            pull_and_judge(client, "real/multi", children[arch], layer_blobs(multi, multi.manifests[k]), tmp_path,
+                           oci_types=False)
+        metrics = requests.get(service.url + "/metrics", headers=AUTH, timeout=5).text
+        assert 'obd_webhook_jobs{state="succeeded"} 2.0' in metrics
+        assert "obd_webhook_conversion_bytes_total 0.0" not in metrics
     finally:
         service.stop()

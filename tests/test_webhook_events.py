@@ -202,6 +202,9 @@ def test_config_yaml_env_overrides_and_errors(tmp_path: Path) -> None:
         ("rules: []\n", "rules"),
         ("rules: [{name: x, tag_regex: '('}]\n", r"rules\[0\]\.tag_regex"),
         ("rules: [{name: x, options: {turbo: true}}]\n", "turbo"),
+        ("rules: [{name: x, options: {vsize: 0}}]\n", r"rules\[0\]\.options: vsize"),
+        ("rules: [{name: x, options: {algorithm: gzip}}]\n", "algorithm"),
+        ("rules: [{name: x, options: {registry: {}}}]\n", "cannot be set per rule"),
         ("listen: nope\n", "listen"),
         ("retry: {max_attempts: many}\n", "retry.max_attempts"),
     ]:

@@ -221,11 +221,12 @@ def test_job_exceeding_attempts_through_lost_leases_goes_dead(store: JobStore) -
 
 def test_pool_graceful_stop_requeues_conversion_past_grace(store: JobStore) -> None:
     store.record([Intake("api", job=new_job(tag="slow")), Intake("api", job=new_job(tag="fast"))])
-    release = threading.Event()
+    aborted = threading.Event()
 
     def convert(request: ConversionRequest) -> ConversionResult:
-        if request.tag == "slow":
-            release.wait(30)
+        if request.tag == "slow" and request.cancel.wait(30):  # like the pipeline's cancel option
+            aborted.set()
+            raise TransientError("conversion aborted")
         return ConversionResult(request.target_ref)
 
     pool = WorkerPool(store, convert, RetryPolicy(FAST_RETRY),
@@ -233,7 +234,8 @@ def test_pool_graceful_stop_requeues_conversion_past_grace(store: JobStore) -> N
     pool.start()
     time.sleep(0.5)
     released = pool.stop(grace_seconds=0.5)
-    release.set()
+    assert aborted.wait(5), "the running conversion was told to stop"
+    time.sleep(0.2)  # its failure report arrives after the hand-back and must not count
     states = Counter(j.state for j in store.list_jobs())
     assert len(released) == 1 and states[JobState.QUEUED] == 1 and states[JobState.SUCCEEDED] == 1
     assert store.get(released[0]).tag == "slow" and store.get(released[0]).attempts == 0

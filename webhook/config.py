@@ -20,10 +20,13 @@ from typing import Any
 import platformdirs
 import yaml
 
+from converter.options import ConvertOptions
+
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
 DEFAULT_SUFFIX = "_obd"
-CONVERSION_OPTION_KEYS = frozenset({"oci", "referrer", "vsize", "algorithm", "platforms"})
+# ConvertOptions fields that belong to one run or to the service, not to a rule.
+NOT_RULE_OPTIONS = frozenset({"registry", "progress", "cancel", "upload", "reserve"})
 
 
 class ConfigError(ValueError):
@@ -180,9 +183,15 @@ def _build_rule(data: Any, where: str) -> Rule:
             raise ConfigError(f"{where}.tag_regex: invalid regular expression: {exc}") from exc
     if not rule.suffix or "/" in rule.suffix or ":" in rule.suffix:
         raise ConfigError(f"{where}.suffix: must be a non-empty tag fragment, got {rule.suffix!r}")
-    unknown = sorted(set(rule.options) - CONVERSION_OPTION_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}.options: unknown conversion option(s) {', '.join(unknown)}")
+    misplaced = sorted(set(rule.options) & NOT_RULE_OPTIONS)
+    if misplaced:
+        raise ConfigError(f"{where}.options: {', '.join(misplaced)} cannot be set per rule")
+    try:
+        # The engine's own option type checks names and values, so a bad rule fails at startup
+        # instead of killing every job it matches.
+        ConvertOptions.coerce(dict(rule.options))
+    except ValueError as exc:
+        raise ConfigError(f"{where}.options: {exc}") from exc
     return rule
 
 

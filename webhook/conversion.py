@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ class ConversionRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     registry_settings: RegistrySettings | None = field(default=None, repr=False)
     attempt: int = 1
+    # Set by the worker pool when a shutdown's grace period ends; conversions should stop soon after.
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @property
     def source_ref(self) -> str:
@@ -54,25 +57,25 @@ ConvertFn = Callable[[ConversionRequest], ConversionResult]
 
 
 def default_convert(job: ConversionRequest) -> ConversionResult:
-    """Run `converter.pipeline.convert(source, target, options)` for the job.
+    """Run the conversion engine: `converter.pipeline.convert(source, target, ConvertOptions)`.
 
-    Registry settings for the job's host (endpoint, credentials, insecure) are passed in the options
-    under "registry". The pipeline's result is read through `target_digest`/`digest` and
-    `bytes_written`/`bytes` attributes, whichever it has.
+    The options are the rule's, plus the job host's registry settings (endpoint, credentials,
+    insecure) under "registry" and the job's cancel event, so a worker shutting down can abort it
+    (the engine then raises a TransientError and publishes nothing).
     """
     try:
-        pipeline = importlib.import_module("converter.pipeline")
+        pipeline = importlib.import_module("converter.pipeline")  # heavy; only workers load it
     except ImportError as exc:
         raise PermanentError(f"conversion engine not available (converter.pipeline): {exc}") from exc
     options: dict[str, Any] = dict(job.options)
     if job.registry_settings is not None:
         options["registry"] = dataclasses.asdict(job.registry_settings)
-    options_type = getattr(pipeline, "ConvertOptions", None)
-    converted = options_type(**options) if options_type else options
-    result = pipeline.convert(job.source_ref, job.target_ref, converted)
-    digest = getattr(result, "target_digest", None) or getattr(result, "digest", None)
-    written = getattr(result, "bytes_written", None) or getattr(result, "bytes", None) or 0
-    return ConversionResult(target_ref=job.target_ref, target_digest=digest, bytes_written=int(written))
+    result = pipeline.convert(job.source_ref, job.target_ref, pipeline.ConvertOptions(**options, cancel=job.cancel))
+    return ConversionResult(
+        target_ref=job.target_ref, target_digest=result.target_digest, bytes_written=result.bytes_written,
+        details={"up_to_date": result.up_to_date, "layers_converted": result.layers_converted,
+                 "layers_reused": result.layers_reused, "seconds": result.seconds},
+    )
 
 
 def load_convert_callable(spec: str) -> ConvertFn:

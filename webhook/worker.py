@@ -71,6 +71,7 @@ class Worker:
         self.registries = dict(registries or {})
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
         self.current: Job | None = None
+        self.current_request: ConversionRequest | None = None
 
     def run_once(self) -> Job | None:
         """Claim and process one job; returns the claimed job, or None if nothing was due."""
@@ -81,7 +82,7 @@ class Worker:
         try:
             self._process(job)
         finally:
-            self.current = None
+            self.current = self.current_request = None
         return job
 
     def _process(self, job: Job) -> None:
@@ -96,6 +97,7 @@ class Worker:
             digest=job.digest, target_tag=job.target_tag, options=job.options,
             registry_settings=self.registries.get(job.registry), attempt=job.attempts,
         )
+        self.current_request = request
         log.info("conversion started", extra=_job_fields(job))
         keeper = _LeaseKeeper(self.store, job, self.settings.lease_seconds)
         keeper.start()
@@ -172,9 +174,11 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
         released = []
         for worker, thread in zip(self.workers, self._threads, strict=True):
-            job = worker.current
+            job, request = worker.current, worker.current_request
             if thread.is_alive() and job is not None and self.store.release(job):
                 released.append(job.id)
                 log.warning("conversion still running after the grace period; job re-queued",
                             extra=_job_fields(job))
+            if request is not None:
+                request.cancel.set()  # after the release, so the abort is not recorded as a failure
         return released
