@@ -580,9 +580,9 @@ class _Conversion:
         seconds = time.monotonic() - started
         self.emit("layer_done", platform=platform, index=layer.index, count=count, digest=info.digest,
                   size=info.size, tar_bytes=tar.count, files=stats.files, seconds=seconds)
-        log.info("layer %s%s: %d files, %.1f MB tar -> %s (%.1f MB) in %.2f s", label,
+        log.info("layer %s%s: %d files, %.1f MB tar -> %s (%.1f MB) in %.2f s (%.0f MB/s)", label,
                  f" [{platform}]" if platform else "", stats.files, tar.count / 1e6, info.digest, info.size / 1e6,
-                 seconds)
+                 seconds, tar.count / 1e6 / max(seconds, 1e-6))
         return info, LayerResult(offset + layer.index, info.digest, info.size, layer.uuid, "converted", layer.digest,
                                  layer.diff_id, layer.chain_id, round(seconds, 3), tar.count, stats.files)
 
