@@ -91,10 +91,12 @@ def clean_path(name: bytes) -> list[bytes]:
 
 
 class _CoalescingSink:
-    """Joins writes to consecutive blocks (the many small files of a layer are allocated one after the
-    other) into fewer, larger writes; large writes pass straight through without a copy."""
+    """Joins writes of small files to consecutive blocks (they are allocated one after the other) into
+    fewer, larger writes, to save the per-call cost downstream; anything of SMALL bytes or more passes
+    straight through without a copy."""
 
     LIMIT = 1 << 20
+    SMALL = 64 << 10
 
     def __init__(self, sink: BlockSink) -> None:
         self._sink = sink
@@ -102,11 +104,16 @@ class _CoalescingSink:
         self._start = 0
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self._buf and offset == self._start + len(self._buf) and len(self._buf) + len(data) <= self.LIMIT:
+        if (
+            self._buf
+            and len(data) < self.SMALL
+            and offset == self._start + len(self._buf)
+            and len(self._buf) + len(data) <= self.LIMIT
+        ):
             self._buf += data
             return
         self.flush()
-        if len(data) >= self.LIMIT // 2:
+        if len(data) >= self.SMALL:
             self._sink.write(offset, data)
         else:
             self._start = offset
@@ -275,11 +282,17 @@ class LayerApplier:
             while room and remaining:
                 n = min(room, DATA_CHUNK, remaining)
                 data = reader.read_exact(n)
-                if n % BLOCK_SIZE:
-                    data += bytes(-n % BLOCK_SIZE)
-                self.sink.write(offset, data)
-                offset += len(data)
-                room -= len(data)
+                full = n - n % BLOCK_SIZE
+                if full == n:
+                    self.sink.write(offset, data)
+                else:
+                    # Only the file's last block needs zero padding: copy just that block.
+                    if full:
+                        self.sink.write(offset, memoryview(data)[:full])
+                    self.sink.write(offset + full, data[full:] + bytes(BLOCK_SIZE - (n - full)))
+                written = full if full == n else full + BLOCK_SIZE
+                offset += written
+                room -= written
                 remaining -= n
         self.stats.data_bytes += size
 
