@@ -61,7 +61,7 @@ from .image import (
     source_image,
 )
 from .options import ConvertOptions
-from .registry import DigestMismatchError, Manifest
+from .registry import DigestMismatchError, Manifest, RegistryError
 from .transport import Location, Store, close_clients, open_store, parse_location
 
 log = logging.getLogger("obd-convert")
@@ -80,6 +80,16 @@ class LayerConversionError(PermanentError):
 
 class ConversionAborted(TransientError):
     """Cancelled (SIGINT/SIGTERM or a failed sibling); nothing was tagged."""
+
+
+def _naming_layer(exc: BaseException, label: str) -> BaseException:
+    """A registry error about a layer blob, re-made with the layer in its message (same class and details)."""
+    if isinstance(exc, RegistryError) and not str(exc).startswith("layer "):
+        named = type(exc)(f"layer {label}: {exc}", status=exc.status, errors=exc.errors, method=exc.method,
+                          path=exc.path)
+        named.__cause__ = exc
+        return named
+    return exc
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -379,7 +389,11 @@ class _Conversion:
 
     def _up_to_date(self, tag: str, source_digest: str) -> Manifest | None:
         """The target's manifest if it records this source and these options (one manifest GET)."""
-        current = self.dst.find_manifest(tag)
+        try:
+            current = self.dst.find_manifest(tag)
+        except PermanentError as exc:  # e.g. the tag holds something we cannot read: convert and replace it
+            log.info("target %s:%s is not a readable image manifest (%s); converting", self.dst.name, tag, exc)
+            return None
         if current is None:
             return None
         try:
@@ -554,7 +568,10 @@ class _Conversion:
                   digest=layer.digest)
         parent = image.layers[layer.index - 1].uuid if layer.index else None
         path = self.run_dir / f"{tag}-layer-{layer.index}.obd"
-        raw = self.src.open_blob(layer.digest, layer.size)
+        try:
+            raw = self.src.open_blob(layer.digest, layer.size)
+        except RegistryError as exc:
+            raise _naming_layer(exc, label) from exc
         source = _SourceStream(raw, self.cancelled, lambda n: self.emit("layer_bytes", platform=platform,
                                                                       index=layer.index, bytes=n))
         decompressed: BinaryIO | None = None
@@ -594,7 +611,7 @@ class _Conversion:
             if isinstance(source.error, DigestMismatchError):
                 raise LayerConversionError(f"layer {label}: {source.error}", layer=label) from exc
             if isinstance(source.error, ConversionError):
-                raise source.error from exc  # registry trouble or cancel: keep its class
+                raise _naming_layer(source.error, label) from exc  # registry trouble or cancel: keep its class
             if isinstance(source.error, Exception):
                 raise TransientError(f"layer {label}: reading the source failed: {source.error}") from exc
             raise LayerConversionError(str(exc), layer=label, entry=exc.entry) from exc
@@ -607,8 +624,8 @@ class _Conversion:
                 pass
         except DigestMismatchError as exc:
             raise LayerConversionError(f"layer {layer.label}: {exc}", layer=layer.label) from exc
-        except ConversionError:
-            raise
+        except ConversionError as exc:
+            raise _naming_layer(exc, layer.label) from exc
         except (OSError, EOFError, ValueError) as exc:
             raise LayerConversionError(f"layer {layer.label}: cannot read layer data after the tar end: {exc}",
                                        layer=layer.label) from exc

@@ -120,7 +120,7 @@ def test_missing_blob_fails_cleanly(registry, oci_image_builder, push_image, tmp
     layer = json.loads(built.raw)["layers"][1]["digest"][7:]
     (registry.workdir / "storage" / "docker" / "registry" / "v2" / "blobs" / "sha256" / layer[:2] / layer
      / "data").unlink()
-    with pytest.raises(NotFoundError, match=layer):
+    with pytest.raises(NotFoundError, match=rf"^layer 2 \(sha256:{layer}\): GET .*HTTP 404"):
         convert(f"{registry.host}/gone:v1", f"{registry.host}/gone:v1_obd",
                 opts(tmp_path, registry={"plain_http": True}))
     assert client_for(registry).list_tags("gone") == ["v1"]
@@ -161,4 +161,17 @@ def test_cancel_aborts_between_layers_without_tagging(tmp_path: Path) -> None:
     with pytest.raises(ConversionAborted) as err:
         convert(f"oci:{src}:v1", f"oci:{tmp_path / 'out'}:v1_obd", opts(tmp_path, cancel=cancel, progress=progress))
     assert isinstance(err.value, TransientError)
+    assert layout_tags(tmp_path / "out") == []
+
+
+def test_failing_platform_fails_the_index_with_its_own_error(tmp_path: Path) -> None:
+    images = [oci.Image([oci.Layer([L.file("x", b"amd64" * 1000)])] * 2, architecture="amd64"),
+              oci.Image([oci.Layer([L.file("y", b"arm64" * 1000)], compression="none")], architecture="arm64")]
+    built = oci.build_layout(tmp_path / "src", images, name="multi")
+    arm_layer = json.loads(built.manifests[1])["layers"][0]["digest"]
+    blob = built.layout / "blobs" / "sha256" / arm_layer[7:]
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\1")
+    with pytest.raises(LayerConversionError, match=rf"layer 1 \({arm_layer}\)"):
+        convert(f"oci:{built.layout}:multi", f"oci:{tmp_path / 'out'}:multi_obd",
+                opts(tmp_path, concurrency_limit=2))
     assert layout_tags(tmp_path / "out") == []
