@@ -42,7 +42,9 @@ from .image import (
     ANN_SOURCE_DIGEST,
     BASE_LAYER_UUID,
     DOCKER_LIST,
+    DOCKER_MANIFEST,
     OCI_INDEX,
+    OCI_MANIFEST,
     ConvertedChild,
     ConvertedLayer,
     ImageError,
@@ -311,6 +313,8 @@ class _Conversion:
         if opts.use_cache and opts.upload:
             self.cache = LayerCache(opts.cache_dir)
         self.base: BlobInfo | None = None
+        self.bytes_key = ""  # byte-shaping options (cache key); set once the base layer is known
+        self.output_key = ""  # bytes_key + output flavour (our options annotation)
 
     def cancelled(self) -> bool:
         """Our own flag (a sibling platform failed) or the caller's (SIGINT/SIGTERM in the CLI)."""
@@ -484,7 +488,7 @@ class _Conversion:
                       digest=hit.digest)
         if len(reused) < len(image.layers):
             tag = hashlib.sha256(digest.encode()).hexdigest()[:12]
-            builder = self._builder(image, [c for c in converted], tag)
+            builder = self._builder(image, list(converted), tag)
             uploader = _Uploader()
             try:
                 for layer in image.layers[len(reused):]:
@@ -502,8 +506,7 @@ class _Conversion:
         config_out = rewrite_config(image.config, converted)
         raw = rewrite_manifest(image, config_out, converted, oci=self.opts.oci,
                                annotations=self._annotations(digest), subject=subject)
-        out_type = "application/vnd.oci.image.manifest.v1+json" if self.opts.oci else \
-            "application/vnd.docker.distribution.manifest.v2+json"
+        out_type = OCI_MANIFEST if self.opts.oci else DOCKER_MANIFEST
         self.check_cancel()
         config_digest = self.dst.put_blob_bytes(config_out)
         out_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
