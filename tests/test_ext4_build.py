@@ -446,3 +446,15 @@ def test_gnu_tar_sparse_formats(tmp_path: Path, version: str) -> None:
             assert f.read(len(data)) == data
     blocks = subprocess.run(["debugfs", "-R", "stat /sparse.img", str(disk)], capture_output=True, text=True)
     assert "Blockcount: 24" in blocks.stdout  # three data blocks of 4 KiB, the holes stay unallocated
+
+
+def test_more_than_65000_subdirectories_use_dir_nlink(tmp_path: Path) -> None:
+    entries = [L.dir(f"top/d{i:05d}") for i in range(65010)]
+    disk = tmp_path / "disk.raw"
+    with RawDisk(disk, VSIZE) as raw:
+        ImageBuilder(VSIZE).apply_layer(io.BytesIO(L.make_tar(entries)), raw)
+    judge.e2fsck(disk)
+    stat_out = subprocess.run(["debugfs", "-R", "stat /top", str(disk)], capture_output=True, text=True).stdout
+    assert "Links: 1 " in stat_out  # a directory link count past 65000 is pinned to 1 (dir_nlink)
+    root = subprocess.run(["debugfs", "-R", "stat /", str(disk)], capture_output=True, text=True).stdout
+    assert "Links: 4 " in root  # ".", "..", lost+found and top
