@@ -282,7 +282,7 @@ class _DirStore(Store):
         p = self.path / digest.split(":", 1)[1]
         return p.stat().st_size if p.exists() else None
 
-    def put_blob_file(self, path: str, digest: str, size: int) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
         os.replace(path, self.path / digest.split(":", 1)[1])
 
     def put_blob_bytes(self, data: bytes) -> str:
@@ -642,7 +642,8 @@ class _Conversion:
         existed = self.dst.blob_size(info.digest) == info.size
         try:
             if not existed:
-                self.dst.put_blob_file(info.path, info.digest, info.size)
+                consume = delete and not self.opts.reserve
+                self.dst.put_blob_file(info.path, info.digest, info.size, consume=consume)
         finally:
             if delete and not self.opts.reserve:
                 with contextlib.suppress(FileNotFoundError):

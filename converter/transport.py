@@ -7,6 +7,7 @@ either are verified against their digest when the stream ends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -36,6 +37,9 @@ from .registry import (
 from .registry.reference import DIGEST_RE
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+RELEASE_LAG = 64 << 20  # keep this much behind the read position: the client resends failed chunks from memory
 LAYOUT_PREFIX = "oci:"
 COPY_CHUNK = 4 << 20
 
@@ -128,6 +132,52 @@ class VerifyingReader(io.RawIOBase):
         super().close()
 
 
+def _load_fallocate() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+class ReleasingReader(io.RawIOBase):
+    """Reads a temp file that is deleted after the upload, giving its disk space back as the upload advances
+    (fallocate PUNCH_HOLE behind the read position). While layer i uploads, layer i+1 is being written; this
+    keeps the temp dir near one blob instead of two. Not seekable, so a registry that loses the upload session
+    gives a transient error (retry the conversion) instead of a re-read of released bytes."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._raw = raw
+        self._fd = raw.fileno()
+        self._released = 0
+        self._position = 0
+        self._punch = _fallocate
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
+        self._position += n or 0
+        release_to = (self._position - RELEASE_LAG) // (1 << 20) * (1 << 20)
+        if self._punch is not None and release_to > self._released:
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            if self._punch(self._fd, mode, self._released, release_to - self._released) != 0:
+                self._punch = None  # the filesystem cannot punch holes: keep the file whole
+            else:
+                self._released = release_to
+        return n or 0
+
+
 class Store:
     """Interface of a source or target location (see RegistryStore, LayoutStore)."""
 
@@ -162,7 +212,9 @@ class Store:
     def mount_blob(self, digest: str, from_repository: str) -> bool:
         return False
 
-    def put_blob_file(self, path: str, digest: str, size: int) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+        """Store the file's bytes as blob `digest`; with `consume` the caller deletes the file afterwards,
+        so its space may be released while it is read."""
         raise NotImplementedError
 
     def put_blob_bytes(self, data: bytes) -> str:
@@ -216,9 +268,10 @@ class RegistryStore(Store):
             return False
         return self.client.mount_blob(self.repository, digest, from_repository)
 
-    def put_blob_file(self, path: str, digest: str, size: int) -> None:
-        with open(path, "rb") as f:
-            self.client.upload_blob(self.repository, f, digest=digest, size=size)
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+        with open(path, "r+b" if consume else "rb", buffering=0) as f:  # hole punching needs a writable fd
+            source: BinaryIO = ReleasingReader(f) if consume else f  # type: ignore[assignment]
+            self.client.upload_blob(self.repository, source, digest=digest, size=size)
 
     def put_blob_bytes(self, data: bytes) -> str:
         return self.client.upload_blob(self.repository, data, digest=sha256_digest(data), size=len(data))
@@ -318,7 +371,7 @@ class LayoutStore(Store):
         except FileNotFoundError:
             return None
 
-    def put_blob_file(self, path: str, digest: str, size: int) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
         dest = self._blob_path(digest)
         if dest.exists():
             return

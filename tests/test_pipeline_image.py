@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,21 @@ def test_cache_roundtrip_and_forget(tmp_path: Path) -> None:
         assert cache.get("r2", "sha256:c", "o") is None and cache.get("r", "sha256:c", "o2") is None
         cache.forget("r", "sha256:c", "o")
         assert cache.get("r", "sha256:c", "o") is None
+
+
+def test_releasing_reader_gives_space_back_behind_the_read_position(tmp_path: Path, monkeypatch) -> None:
+    from converter import transport
+
+    monkeypatch.setattr(transport, "RELEASE_LAG", 1 << 20)
+    data = os.urandom(8 << 20)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    os.fsync(os.open(path, os.O_RDONLY))
+    before = path.stat().st_blocks
+    with open(path, "r+b", buffering=0) as f:
+        reader = transport.ReleasingReader(f)
+        assert not reader.seekable()  # a lost upload session must not re-read released bytes
+        got = b"".join(iter(lambda: reader.read(1 << 20), b""))
+    assert got == data
+    assert path.stat().st_size == len(data)
+    assert path.stat().st_blocks * 512 <= before * 512 - (6 << 20)  # all but the last ~2 MiB released
