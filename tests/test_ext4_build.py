@@ -458,3 +458,33 @@ def test_more_than_65000_subdirectories_use_dir_nlink(tmp_path: Path) -> None:
     assert "Links: 1 " in stat_out  # a directory link count past 65000 is pinned to 1 (dir_nlink)
     root = subprocess.run(["debugfs", "-R", "stat /", str(disk)], capture_output=True, text=True).stdout
     assert "Links: 4 " in root  # ".", "..", lost+found and top
+
+
+def test_names_and_symlinked_parents_never_escape_the_root(tmp_path: Path) -> None:
+    layer1 = L.make_tar(
+        [
+            L.file("../../escape-dotdot", b"1"),
+            L.file("/absolute/path", b"2"),
+            L.file("a/../../../b", b"3"),
+            L.symlink("up", "../../../../.."),
+            L.symlink("abs", "/"),
+            L.dir("real"),
+            L.symlink("real/loop", "../real/loop2"),
+            L.symlink("real/loop2", "loop"),
+        ]
+    )
+    layer2 = L.make_tar(
+        [
+            L.file("up/through-relative-escape", b"4"),  # the link climbs above /: stays at /
+            L.file("abs/etc/through-absolute", b"5"),  # an absolute link target is the image root
+        ]
+    )
+    disk = build(tmp_path, [layer1, layer2])
+    tree = judge.debugfs_tree(disk)
+    for path, content in [("/escape-dotdot", b"1"), ("/absolute/path", b"2"), ("/b", b"3"),
+                          ("/through-relative-escape", b"4"), ("/etc/through-absolute", b"5")]:  # fmt: skip
+        assert tree[path].sha256 == hashlib.sha256(content).hexdigest()
+    with RawDisk(tmp_path / "loop.raw", VSIZE) as raw, pytest.raises(LayerApplyError, match="too many levels"):
+        builder = ImageBuilder(VSIZE)
+        builder.apply_layer(io.BytesIO(layer1), raw)
+        builder.apply_layer(io.BytesIO(L.make_tar([L.file("real/loop/x", b"")])), raw, label="loop")
