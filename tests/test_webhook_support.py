@@ -129,9 +129,11 @@ def _append(path: str, record: dict[str, Any]) -> None:
 def recording_convert(job: ConversionRequest) -> ConversionResult:
     """Takes $OBD_TEST_CONVERT_SECONDS, then records the finished conversion in $OBD_TEST_RECORD."""
     record = os.environ["OBD_TEST_RECORD"]
-    _append(record, {"event": "start", "job": job.job_id, "digest": job.digest, "pid": os.getpid()})
+    _append(record, {"event": "start", "job": job.job_id, "digest": job.digest, "pid": os.getpid(),
+                     "ppid": os.getppid()})
     time.sleep(float(os.environ.get("OBD_TEST_CONVERT_SECONDS", "0")))
-    _append(record, {"event": "done", "job": job.job_id, "digest": job.digest, "pid": os.getpid()})
+    _append(record, {"event": "done", "job": job.job_id, "digest": job.digest, "pid": os.getpid(),
+                     "ppid": os.getppid()})
     return ConversionResult(target_ref=job.target_ref, target_digest=job.digest, bytes_written=1)
 
 

@@ -39,6 +39,10 @@ def create_app(config: Config, store: JobBackend | None = None) -> Flask:
                           "(set `secrets`, OBD_WEBHOOK_SECRETS, or call ensure_secret() first)")
     from webhook import api, hooks, ops, ui  # blueprints import `services` from here
 
+    if store is None and config.queue == "redis":
+        from webhook.redis_queue import backend_for  # only redis deployments need redis and rq
+
+        store = backend_for(config)
     store = store or JobStore(config.db_path, synchronous=config.sqlite_synchronous)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes

@@ -125,7 +125,8 @@ def serve(args: argparse.Namespace) -> int:
     config, new_secret = ensure_secret(config)
     from webhook.store import JobStore  # create the schema once, before the children race to
 
-    JobStore(config.db_path, synchronous=config.sqlite_synchronous).close()
+    if config.queue == "embedded":
+        JobStore(config.db_path, synchronous=config.sqlite_synchronous).close()
     if new_secret is not None:
         print(snippets_text(config, new_secret, f"generated now, stored in {config.secret_file}"), flush=True)
     env = {**os.environ, **overrides}
@@ -133,7 +134,9 @@ def serve(args: argparse.Namespace) -> int:
     children = {"http": _spawn(gunicorn, env)}
     with_workers = not args.no_workers and config.workers > 0
     if with_workers:
-        children["worker"] = _spawn([sys.executable, "-m", "webhook.cli", "worker"], env)
+        # Embedded: one process with `workers` threads. Redis: RQ workers convert one job each.
+        for i in range(config.workers if config.queue == "redis" else 1):
+            children[f"worker-{i}"] = _spawn([sys.executable, "-m", "webhook.cli", "worker"], env)
     log.info("obd-webhook serving", extra={"listen": config.listen, "data_dir": str(config.data_dir),
                                            "workers": config.workers if with_workers else 0})
     stopping = threading.Event()
@@ -167,6 +170,13 @@ def serve(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     config = load_config(env={**os.environ, **_overrides(args)})
     configure_logging(config.log_format, config.log_level)
+    if config.queue == "redis":
+        from webhook.redis_queue import run_worker
+
+        if args.concurrency not in (None, 1):
+            raise ConfigError("--concurrency: an RQ worker converts one job at a time; start more workers")
+        run_worker(config)  # returns after SIGTERM (RQ's warm shutdown: the running job finishes)
+        return 0
     from webhook.conversion import load_convert_callable
     from webhook.retry import RetryPolicy
     from webhook.store import JobStore

@@ -209,7 +209,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
                 value = yaml.safe_load(raw) if raw != "" else None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{name}: cannot parse value: {exc}") from exc
-            if path[-1] in {"listen", "data_dir", "redis_url", "password", "username", "endpoint"}:
+            if path[-1] in {"listen", "data_dir", "redis_url", "password", "username", "endpoint", "queue"}:
                 value = raw  # never reinterpret these as numbers/booleans
         node = out
         for part in path[:-1]:
@@ -263,8 +263,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"listen: port out of range in {config.listen!r}")
     if config.queue not in {"embedded", "redis"}:
         raise ConfigError(f"queue: expected 'embedded' or 'redis', got {config.queue!r}")
-    if config.queue == "redis":
-        raise ConfigError("queue: 'redis' mode is designed (docs/webhook.md) but not implemented yet")
+    if config.queue == "redis" and not (config.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis_url: queue 'redis' needs redis_url, e.g. redis://127.0.0.1:6379/0")
     if config.sqlite_synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
         raise ConfigError("sqlite_synchronous: expected NORMAL, FULL or EXTRA")
     if config.log_format not in {"auto", "json", "text"}:
