@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.harness.oci import Image, build_layout, push_image
 from tests.harness.registry import Endpoint
 from tests.registry_helpers import client_for
 from tests.test_pipeline_registry import VSIZE_GIB, app_image, layer_blobs, pull_and_judge
+from tests.test_webhook_redis import RedisServer
 from tests.test_webhook_support import (
     AUTH,
     SECRET,
@@ -71,10 +73,22 @@ def rules_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(params=["embedded", "redis"])
+def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Service environment for each queue backend (redis: a real redis-server for the test)."""
+    if request.param == "embedded":
+        yield {}
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    yield {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url}
+    server.stop()
+
+
 def test_distribution_pushes_convert_exactly_the_expected_tags(tmp_path: Path, registry_factory,
-                                                               rules_file: Path) -> None:
+                                                               rules_file: Path, queue_env: dict[str, str]) -> None:
     service = ServeProcess(tmp_path / "data", {"OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY,
-                                               "OBD_WEBHOOK_CONFIG": str(rules_file), "TMPDIR": str(tmp_path)})
+                                               "OBD_WEBHOOK_CONFIG": str(rules_file), "TMPDIR": str(tmp_path),
+                                               **queue_env})
     service.start()
     try:
         # No filters on the registry side: every blob, pull and mount event reaches the service,
@@ -271,12 +285,12 @@ def test_printed_distribution_snippet_configures_a_real_registry(tmp_path: Path,
         service.stop()
 
 
-def test_real_conversion_pipeline_end_to_end(tmp_path: Path, registry_factory) -> None:
+def test_real_conversion_pipeline_end_to_end(tmp_path: Path, registry_factory, queue_env: dict[str, str]) -> None:
     """The default hook (`converter.pipeline.convert`): pushes of a single-arch image and of a 2-platform
     index become real overlaybd `<tag>_obd` images, judged like the pipeline's own tests (layer
     annotations and UUIDs, stacked disk e2fsck-clean with the image's tree); the service's own pushes
     are ignored."""
-    service = ServeProcess(tmp_path / "data", {"TMPDIR": str(tmp_path)})
+    service = ServeProcess(tmp_path / "data", {"TMPDIR": str(tmp_path), **queue_env})
     registry = registry_factory(notifications=[Endpoint(
         url=service.url + "/hooks/distribution", headers={"Authorization": [f"Bearer {SECRET}"]},
         ignored_mediatypes=["application/octet-stream"], ignore_actions=["pull", "mount", "delete"])])

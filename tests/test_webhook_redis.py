@@ -15,6 +15,9 @@ import pytest
 import redis
 import requests
 
+from tests.harness import layers as L
+from tests.harness.oci import Image, build_layout, push_image
+from tests.harness.registry import Endpoint
 from tests.test_webhook_support import (
     AUTH,
     ROOT,
@@ -136,19 +139,27 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def test_two_workers_share_ten_jobs_and_a_killed_workers_job_completes_elsewhere(
-        redis_server: RedisServer, tmp_path: Path) -> None:
+def test_two_workers_share_ten_pushed_images_and_a_killed_workers_job_completes_elsewhere(
+        redis_server: RedisServer, tmp_path: Path, registry_factory) -> None:
     record = tmp_path / "record.jsonl"
-    service = ServeProcess(tmp_path / "data", redis_env(redis_server, record, 0.5), args=("--no-workers",))
+    env = redis_env(redis_server, record, 0, TMPDIR=str(tmp_path),
+                    OBD_WEBHOOK_CONVERT_CALLABLE="tests.test_webhook_support:recording_skopeo_convert")
+    service = ServeProcess(tmp_path / "data", env, args=("--no-workers",))
     service.start()
     workers = [worker_process(service), worker_process(service)]
     try:
+        registry = registry_factory(notifications=[Endpoint(
+            url=service.url + "/hooks/distribution", headers={"Authorization": [f"Bearer {SECRET}"]})])
         for i in range(10):
-            response = requests.post(service.url + "/hooks/distribution", headers=AUTH, timeout=5,
-                                     data=envelope(distribution_event(repository=f"spread/app{i}", tag="v1")))
-            assert len(response.json()["accepted"]) == 1
-        wait_until(lambda: Counter(j["state"] for j in jobs(service))["succeeded"] == 10, timeout=60,
-                   interval=0.3, what="10 conversions by 2 workers")
+            image = build_layout(tmp_path / f"img{i}", Image([[L.file("n.txt", f"image {i}\n".encode())]]))
+            push_image(image, registry, f"spread/app{i}:v1")
+        wait_until(lambda: Counter(j["state"] for j in jobs(service))["succeeded"] == 10, timeout=120,
+                   interval=0.3, what="10 pushed images converted by 2 workers")
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, what="events delivered")
+        assert len(jobs(service)) == 10  # the workers' own `_obd` pushes made no jobs
+        for i in range(10):
+            tags = requests.get(f"{registry.url}/v2/spread/app{i}/tags/list", timeout=5).json()["tags"]
+            assert sorted(tags) == ["v1", "v1_obd"]
         done = [r for r in read_records(record) if r["event"] == "done"]
         assert sorted(Counter(r["job"] for r in done).values()) == [1] * 10, "each converted exactly once"
         # RQ forks a work horse per job: the worker process is the horse's parent.

@@ -160,6 +160,15 @@ def skopeo_copy_convert(job: ConversionRequest) -> ConversionResult:
     return ConversionResult(target_ref=job.target_ref, target_digest=target_digest)
 
 
+def recording_skopeo_convert(job: ConversionRequest) -> ConversionResult:
+    """`skopeo_copy_convert`, recorded in $OBD_TEST_RECORD like `recording_convert` (who did what)."""
+    record = os.environ["OBD_TEST_RECORD"]
+    _append(record, {"event": "start", "job": job.job_id, "pid": os.getpid(), "ppid": os.getppid()})
+    result = skopeo_copy_convert(job)
+    _append(record, {"event": "done", "job": job.job_id, "pid": os.getpid(), "ppid": os.getppid()})
+    return result
+
+
 def flaky_convert(job: ConversionRequest) -> ConversionResult:
     """Fails with TransientError the first $OBD_TEST_FAILURES attempts of each job, then succeeds."""
     failures = int(os.environ.get("OBD_TEST_FAILURES", "2"))
