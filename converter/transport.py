@@ -39,7 +39,9 @@ from .registry.reference import DIGEST_RE
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-RELEASE_LAG = 64 << 20  # keep this much behind the read position: the client resends failed chunks from memory
+# Space is released in steps of this size behind the read position. Nothing re-reads released bytes: the
+# registry client resends a failed chunk from memory, and a non-seekable source cannot be restarted.
+RELEASE_STEP = 8 << 20
 LAYOUT_PREFIX = "oci:"
 COPY_CHUNK = 4 << 20
 
@@ -168,7 +170,7 @@ class ReleasingReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
         self._position += n or 0
-        release_to = (self._position - RELEASE_LAG) // (1 << 20) * (1 << 20)
+        release_to = self._position // RELEASE_STEP * RELEASE_STEP
         if self._punch is not None and release_to > self._released:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
             if self._punch(self._fd, mode, self._released, release_to - self._released) != 0:
