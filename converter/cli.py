@@ -133,8 +133,18 @@ def convert_main(argv: list[str]) -> int:
         source, target = _source_target(ns, parser)
     except SystemExit as exc:
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    level = logging.DEBUG if ns.verbose else logging.INFO
+    reporter = None
+    if sys.stderr.isatty() and not ns.json:  # progress bars, with log records printed above them
+        from rich.logging import RichHandler
+
+        from .progress import RichProgress
+
+        reporter = RichProgress()
+        logging.basicConfig(level=level, format="%(message)s", handlers=[
+            RichHandler(console=reporter.progress.console, show_path=False)])
+    else:
+        logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     username = password = None
     if ns.username:
         username, _, password = ns.username.partition(":")
@@ -154,7 +164,6 @@ def convert_main(argv: list[str]) -> int:
               file=sys.stderr)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    reporter = None
     try:
         registry = RegistryOptions(username=username, password=password, insecure=ns.insecure, plain_http=ns.plain,
                                    cert_dir=ns.cert_dir, ca_file=ns.root_ca, client_cert=ns.client_cert)
@@ -164,10 +173,7 @@ def convert_main(argv: list[str]) -> int:
             concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir,
             use_cache=not ns.no_cache, force=ns.force, upload=not ns.no_upload, reserve=ns.reserve,
             registry=registry, cancel=cancel)
-        if sys.stderr.isatty() and not ns.json:
-            from .progress import RichProgress
-
-            reporter = RichProgress()
+        if reporter is not None:
             options.progress = reporter
             reporter.__enter__()
         result = convert(source, target, options)
