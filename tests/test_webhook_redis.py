@@ -265,3 +265,24 @@ def test_redis_mode_needs_a_url() -> None:
         load_config(None, {"OBD_WEBHOOK_QUEUE": "redis"})
     config = load_config(None, {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert config.queue == "redis" and config.redis_url == "redis://127.0.0.1:1/0"
+
+
+def test_one_conversion_per_tag_at_a_time_across_workers(redis_server: RedisServer, tmp_path: Path) -> None:
+    record = tmp_path / "record.jsonl"
+    service = ServeProcess(tmp_path / "data", redis_env(redis_server, record, 1.5), args=("--no-workers",))
+    service.start()
+    workers = [worker_process(service), worker_process(service)]
+    try:
+        first = distribution_event(repository="one/app", tag="v1", digest=digest_of("A"))
+        requests.post(service.url + "/hooks/distribution", data=envelope(first), headers=AUTH, timeout=5)
+        wait_until(lambda: read_records(record), what="first conversion started")
+        second = distribution_event(repository="one/app", tag="v1", digest=digest_of("B"))
+        requests.post(service.url + "/hooks/distribution", data=envelope(second), headers=AUTH, timeout=5)
+        wait_until(lambda: {j["state"] for j in jobs(service)} == {"succeeded"}, timeout=60, what="both done")
+        events = [(r["event"], r["digest"]) for r in read_records(record)]
+        # The second push's job was picked up by the idle worker at once, but waited for the tag.
+        assert events == [("start", digest_of("A")), ("done", digest_of("A")),
+                          ("start", digest_of("B")), ("done", digest_of("B"))]
+    finally:
+        stop_all(workers)
+        service.stop()

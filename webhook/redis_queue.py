@@ -15,11 +15,13 @@ Why RQ, and how our job model maps onto it, is in docs/webhook.md §5. In short:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -27,7 +29,9 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from redis import Redis
+from redis import Redis, RedisError
+from redis.exceptions import LockError
+from redis.lock import Lock
 from rq import Queue, Retry, get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -322,6 +326,14 @@ def run_worker(config: Config) -> None:
     worker.work(with_scheduler=True, logging_level=config.log_level)
 
 
+def _renew(lock: Lock, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        try:
+            lock.reacquire()
+        except (LockError, RedisError):
+            log.warning("could not renew the per-tag conversion lock", exc_info=True)
+
+
 def _record_duration(redis: Redis, seconds: float) -> None:
     with redis.pipeline() as pipe:
         for bound in DURATION_BUCKETS:
@@ -363,7 +375,8 @@ def run_conversion() -> dict[str, Any]:
         registry_settings=config.registries.get(meta["registry"]), attempt=attempt,
     )
     # One conversion per target tag at a time, across all workers.
-    lock = redis.lock(PREFIX + f"running:{meta['image_key']}", timeout=config.lease_seconds * 4,
+    # The lock expires a lease after its holder stops renewing it (a killed worker frees the tag).
+    lock = redis.lock(PREFIX + f"running:{meta['image_key']}", timeout=config.lease_seconds,
                       blocking_timeout=config.lease_seconds * 4)
     started = time.monotonic()
     try:
@@ -372,10 +385,16 @@ def run_conversion() -> dict[str, Any]:
                                  f"{meta.get('last_error') or 'worker lost its lease'}")
         if not lock.acquire():
             raise TransientError(f"another conversion of {meta['image_key']} is still running")
+        renewing = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(lock, renewing, config.lease_seconds / 3), daemon=True)
+        renewer.start()
         try:
             result = convert(request)
         finally:
-            lock.release()
+            renewing.set()
+            renewer.join()
+            with contextlib.suppress(LockError):  # expired while Redis was unreachable: nothing to free
+                lock.release()
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         decision = policy.decide(error, attempt, meta["first_attempt_at"])
