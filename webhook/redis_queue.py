@@ -293,6 +293,8 @@ class RedisBackend:
 
 # -- workers ------------------------------------------------------------------------------------------
 
+# Set by run_worker before RQ starts; the job function runs in a work horse forked from that process
+# and finds the configuration, the convert hook and the policy here.
 _worker_context: dict[str, Any] = {}
 
 
