@@ -19,6 +19,7 @@ from converter.registry import (
     DigestMismatchError,
     NotFoundError,
     RegistryClient,
+    RegistryError,
     TLSError,
 )
 from tests.harness import oci
@@ -162,6 +163,21 @@ def test_uploads_verify_digest_and_size(registry) -> None:
         with pytest.raises(DigestMismatchError, match="expected 10"), client.open_blob("v/app", digest, 10) as s:
             s.read()
     assert open_uploads(registry, "v/app") == [], "failed uploads were left open"
+
+
+def test_trusted_digest_skips_local_hashing_but_the_registry_still_checks(registry) -> None:
+    data = os.urandom(300_000)
+    wrong = "sha256:" + "1" * 64
+    with client_for(registry, chunk_size=65536) as client:
+        with pytest.raises(RegistryError, match="DIGEST_INVALID"):
+            client.upload_blob("t/app", io.BytesIO(data), digest=wrong, size=len(data), trust_digest=True)
+        assert client.blob_exists("t/app", wrong) is None
+        assert client.blob_exists("t/app", oci.sha256(data)) is None  # nothing committed under any name
+        right = oci.sha256(data)
+        assert client.upload_blob("t/app", io.BytesIO(data), digest=right, size=len(data), trust_digest=True) == right
+        assert client.blob_exists("t/app", right) == len(data)
+        with pytest.raises(ValueError, match="needs the digest"):
+            client.upload_blob("t/app", io.BytesIO(data), trust_digest=True)
 
 
 def test_mount_and_copy_fallback(registry) -> None:

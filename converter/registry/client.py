@@ -517,7 +517,7 @@ class RegistryClient:
             return self.upload_blob(repo, stream, digest=digest, size=size)
 
     def upload_blob(self, repo: str, source: bytes | BinaryIO | Iterable[bytes], digest: str | None = None,
-                    size: int | None = None) -> str:
+                    size: int | None = None, *, trust_digest: bool = False) -> str:
         """Upload ``source`` (bytes, a binary file object or an iterable of bytes); returns its digest.
 
         With a known ``digest`` that the repository already has, nothing is sent. Small data goes
@@ -525,7 +525,12 @@ class RegistryClient:
         sent with the closing PUT. A given ``digest``/``size`` is verified before that PUT, so a
         wrong blob is never committed. A broken chunk is resumed from the offset the registry
         reports; a lost upload session restarts from the beginning if ``source`` can seek.
+
+        ``trust_digest=True`` (with a ``digest``) skips hashing the stream here: for a blob whose
+        digest the caller has just computed itself. The registry still checks it at the closing PUT.
         """
+        if trust_digest and digest is None:
+            raise ValueError("trust_digest needs the digest")
         _check_repo(repo)
         if digest is not None:
             _check_digest(digest)
@@ -537,7 +542,7 @@ class RegistryClient:
         start = source.tell() if seekable and seekable() else None
         for restart in range(3):
             try:
-                return self._upload_chunked(repo, self._chunks(source), digest, size)
+                return self._upload_chunked(repo, self._chunks(source), digest, size, trust_digest=trust_digest)
             except _UploadLost as lost:
                 if start is None or restart == 2:
                     raise RegistryTransientError(f"upload to {repo} lost its session and the source cannot be "
@@ -614,8 +619,9 @@ class RegistryClient:
         if claimed and claimed != digest:
             raise DigestMismatchError(f"upload to {repo}: registry stored {claimed}, we sent {digest}")
 
-    def _upload_chunked(self, repo: str, chunks: Iterator[bytes], digest: str | None, size: int | None) -> str:
-        hasher = hashlib.sha256()
+    def _upload_chunked(self, repo: str, chunks: Iterator[bytes], digest: str | None, size: int | None, *,
+                        trust_digest: bool = False) -> str:
+        hasher = None if trust_digest else hashlib.sha256()
         pending = [next(chunks, b"")]
         if len(pending[0]) < self.chunk_size:  # the whole source fitted in one chunk: one PUT is cheaper
             return self._upload_monolithic(repo, pending[0], digest, size)
@@ -624,10 +630,11 @@ class RegistryClient:
         try:
             for chunk in self._drain(pending, chunks):
                 location = self._patch(repo, location, chunk, offset)
-                hasher.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 offset += len(chunk)
                 del chunk  # let the generator free this chunk before it builds the next
-            computed = f"sha256:{hasher.hexdigest()}"
+            computed = f"sha256:{hasher.hexdigest()}" if hasher is not None else str(digest)
             self._verify_upload(repo, computed, offset, digest, size)
         except (RegistryError, _UploadLost):  # never leave an upload session open behind us
             self._cancel_upload(location, repo)
