@@ -138,7 +138,7 @@ def test_distribution_pushes_convert_exactly_the_expected_tags(tmp_path: Path, r
         service.stop()
 
 
-def test_harbor_payloads_against_real_registry(tmp_path: Path, registry_factory) -> None:
+def test_harbor_payloads_against_real_registry(tmp_path: Path, registry_factory, queue_env: dict[str, str]) -> None:
     """The real registry stands in for Harbor's: Harbor payloads name it in resource_url."""
     registry = registry_factory()
     image = build_layout(tmp_path / "img", Image([[L.file("h.txt", b"harbor\n")]]))
@@ -146,7 +146,7 @@ def test_harbor_payloads_against_real_registry(tmp_path: Path, registry_factory)
     push_image(image, registry, "proj/app:2.0")
     service = ServeProcess(tmp_path / "data", {"OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY,
                                                "TMPDIR": str(tmp_path),
-                                               "OBD_WEBHOOK_CONVERTER_ACTORS": "robot$obd-converter"})
+                                               "OBD_WEBHOOK_CONVERTER_ACTORS": "robot$obd-converter", **queue_env})
     service.start()
     try:
         def send(payload: dict, content_type: str = "application/json") -> dict:
@@ -214,7 +214,8 @@ class FlakyRegistryProxy:
         return [body]
 
 
-def test_registry_failing_pushes_then_permanent_refusal_and_manual_retry(tmp_path: Path, registry_factory) -> None:
+def test_registry_failing_pushes_then_permanent_refusal_and_manual_retry(tmp_path: Path, registry_factory,
+                                                                        queue_env: dict[str, str]) -> None:
     registry = registry_factory()
     image = build_layout(tmp_path / "img", Image([[L.file("r.txt", b"retry\n")]]))
     digest = push_image(image, registry, "retry/app:v1")
@@ -225,7 +226,7 @@ def test_registry_failing_pushes_then_permanent_refusal_and_manual_retry(tmp_pat
         service = ServeProcess(tmp_path / "data", {
             "OBD_WEBHOOK_CONVERT_CALLABLE": SKOPEO_COPY, "TMPDIR": str(tmp_path),
             "OBD_WEBHOOK_RETRY__INITIAL_BACKOFF_SECONDS": "0.2", "OBD_WEBHOOK_RETRY__MAX_BACKOFF_SECONDS": "0.5",
-            "OBD_WEBHOOK_RETRY__JITTER_SECONDS": "0", "OBD_WEBHOOK_RETRY__MAX_ATTEMPTS": "5"})
+            "OBD_WEBHOOK_RETRY__JITTER_SECONDS": "0", "OBD_WEBHOOK_RETRY__MAX_ATTEMPTS": "5", **queue_env})
         service.start()
         try:
             for repo in ("retry/app", "retry/denied"):
