@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from webhook.backend import JobBackend
+from webhook.backend import LeasedJobStore
 from webhook.config import Config, RegistrySettings
 from webhook.conversion import ConversionRequest, ConvertFn
 from webhook.retry import LeaseLost, RetryPolicy
@@ -45,7 +45,7 @@ def _job_fields(job: Job) -> dict[str, object]:
 class _LeaseKeeper(threading.Thread):
     """Renews a job's lease every third of its length until stopped; notes when it is lost."""
 
-    def __init__(self, store: JobBackend, job: Job, lease_seconds: float) -> None:
+    def __init__(self, store: LeasedJobStore, job: Job, lease_seconds: float) -> None:
         super().__init__(name=f"lease-{job.id[:8]}", daemon=True)
         self.store, self.job, self.lease_seconds = store, job, lease_seconds
         self.stopped = threading.Event()
@@ -64,7 +64,7 @@ class _LeaseKeeper(threading.Thread):
 class Worker:
     """Processes jobs one at a time. `run_once` is the unit tests drive; `run` loops until stopped."""
 
-    def __init__(self, store: JobBackend, convert: ConvertFn, policy: RetryPolicy,
+    def __init__(self, store: LeasedJobStore, convert: ConvertFn, policy: RetryPolicy,
                  settings: WorkerSettings, registries: Mapping[str, RegistrySettings] | None = None,
                  name: str | None = None) -> None:
         self.store, self.convert, self.policy, self.settings = store, convert, policy, settings
@@ -151,7 +151,7 @@ class WorkerPool:
     """N worker threads plus graceful shutdown: stop claiming, wait up to the grace period, hand back
     whatever still runs so another worker starts it again."""
 
-    def __init__(self, store: JobBackend, convert: ConvertFn, policy: RetryPolicy, settings: WorkerSettings,
+    def __init__(self, store: LeasedJobStore, convert: ConvertFn, policy: RetryPolicy, settings: WorkerSettings,
                  concurrency: int, registries: Mapping[str, RegistrySettings] | None = None) -> None:
         self.store, self.settings = store, settings
         self._stop = threading.Event()
