@@ -172,6 +172,7 @@ def torture_layers() -> list[bytes]:
             L.file("lib/through-symlink.so", b"so"),  # lands in usr/lib
             L.dir("etc", mode=0o700, uid=5, mtime=1700000001),  # re-declared dir keeps children
             L.whiteout("does/not/exist"),
+            L.hardlink("hl/lower-link", "etc/b4096"),  # a hardlink to a lower layer's file
         ]
     )
     layer3 = L.make_tar(
@@ -203,7 +204,10 @@ def test_torture_image_details_seen_by_the_kernel(tmp_path: Path) -> None:
         assert not (root / "opaque/lower1").exists()
         assert sorted(p.name for p in (root / "opaque").iterdir()) == ["keep-dir", "new-after-marker"]
         assert sorted(p.name for p in (root / "opaque/keep-dir").iterdir()) == ["upper"]
-        assert (root / "hl/b").read_bytes() == b"shared" and (root / "hl/b").stat().st_nlink == 1
+        assert (root / "hl/b").read_bytes() == b"shared"
+        # etc/b4096 went with the opaque etc of layer 3; its lower-layer hardlink keeps the inode alive
+        assert (root / "hl/lower-link").read_bytes() == b"b" * 4096
+        assert (root / "hl/lower-link").stat().st_nlink == 1 and (root / "hl/b").stat().st_nlink == 1
         assert (root / "recreate/me").read_bytes() == b"v2"
         assert (root / "hl/b").read_bytes() == b"shared"
         assert (root / "samelayer").read_bytes() == b"kept"
