@@ -76,6 +76,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
     work = p.add_argument_group("files and output")
     work.add_argument("-d", "--dir", help="directory for temporary blobs (default: system temp dir)")
     work.add_argument("--cache-dir", help="reuse cache directory (default: user cache dir)")
+    work.add_argument("--cache-url", help="share the reuse cache through Redis (redis://host:6379/0)")
     work.add_argument("--no-cache", action="store_true", help="neither use nor record the reuse cache")
     work.add_argument("--reserve", action="store_true", help="keep the temporary blobs")
     work.add_argument("--no-upload", action="store_true", help="convert into --dir only, push nothing")
@@ -170,7 +171,7 @@ def convert_main(argv: list[str]) -> int:
         options = ConvertOptions(
             oci=ns.oci, referrer=ns.referrer, mkfs=ns.mkfs, base_layer=ns.base_layer, vsize=ns.vsize,
             fstype=ns.fstype, algorithm=ns.algorithm, block_size=ns.block_size, platforms=tuple(ns.platform),
-            concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir,
+            concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir, cache_url=ns.cache_url,
             use_cache=not ns.no_cache, force=ns.force, upload=not ns.no_upload, reserve=ns.reserve,
             registry=registry, cancel=cancel)
         if reporter is not None:

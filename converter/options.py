@@ -77,6 +77,7 @@ class ConvertOptions:
     concurrency_limit: int = 4  # child manifests converted at the same time
     work_dir: str | None = None  # temp blobs (-d/--dir); default the system temp dir
     cache_dir: str | None = None  # reuse cache; default the user cache dir
+    cache_url: str | None = None  # redis://… : a reuse cache shared by converters on several machines
     use_cache: bool = True
     force: bool = False  # rebuild even if the target is up to date
     upload: bool = True  # False: build into work_dir and keep the blobs, push nothing

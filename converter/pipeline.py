@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .cache import CachedLayer, LayerCache
+from .cache import CachedLayer, LayerCache, RedisLayerCache, open_layer_cache
 from .errors import ConversionError, PermanentError, TransientError
 from .ext4 import ImageBuilder, LayerApplyError, LayerStats, derive_fs_ids
 from .ext4.tarstream import open_decompressed
@@ -309,9 +309,9 @@ class _Conversion:
         self._lock = threading.Lock()
         self.blobs_uploaded = 0
         self.bytes_written = 0
-        self.cache: LayerCache | None = None
+        self.cache: LayerCache | RedisLayerCache | None = None
         if opts.use_cache and opts.upload:
-            self.cache = LayerCache(opts.cache_dir)
+            self.cache = open_layer_cache(opts.cache_dir, opts.cache_url)
         self.base: BlobInfo | None = None
         self.bytes_key = ""  # byte-shaping options (cache key); set once the base layer is known
         self.output_key = ""  # bytes_key + output flavour (our options annotation)
@@ -677,6 +677,8 @@ def convert(source: str, target: str, options: ConvertOptions | Mapping[str, Any
     if opts.upload and not dst_loc.tag:
         raise ImageError(f"target {target!r} needs a tag (e.g. {target}:latest_obd)")
     clients: dict[str, Any] = {}
+    if opts.work_dir:
+        Path(opts.work_dir).mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="obd-convert-", dir=opts.work_dir))
     keep = opts.reserve or not opts.upload
     conversion: _Conversion | None = None

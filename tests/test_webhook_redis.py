@@ -286,3 +286,31 @@ def test_one_conversion_per_tag_at_a_time_across_workers(redis_server: RedisServ
     finally:
         stop_all(workers)
         service.stop()
+
+
+def test_layer_reuse_across_machines_through_the_shared_redis_cache(
+        redis_server: RedisServer, registry, oci_image_builder, push_image, tmp_path: Path, capsys) -> None:
+    """Two converters with separate local cache dirs (two machines) share converted layers via Redis."""
+    from converter.cli import main
+    from tests.harness import layers as L
+    from tests.harness import oci as oci_h
+    from tests.test_pipeline_registry import app_image
+
+    base = app_image()
+    push_image(oci_image_builder(base, name="a"), registry, "one:a")
+    extra = oci_h.Layer([L.file("app/new", b"new")])
+    push_image(oci_image_builder(oci_h.Image([*base.layers, extra], config=base.config), name="b"), registry, "two:b")
+
+    def convert_on(machine: str, repo: str, tag: str) -> dict:
+        code = main(["-r", f"{registry.host}/{repo}", "-i", tag, "--plain", "--vsize", "1", "--json",
+                     "-d", str(tmp_path / machine / "work"), "--cache-dir", str(tmp_path / machine / "cache"),
+                     "--cache-url", redis_server.url])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return __import__("json").loads(out.out)
+
+    first = convert_on("machine-1", "one", "a")
+    assert first["layers_converted"] == 2 and first["layers_reused"] == 0
+    second = convert_on("machine-2", "two", "b")  # an empty local cache: the hits come from Redis
+    assert second["layers_converted"] == 1 and second["layers_reused"] == 2
+    assert not (tmp_path / "machine-2" / "cache" / "layers.sqlite3").exists()

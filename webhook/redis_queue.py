@@ -373,7 +373,9 @@ def run_conversion() -> dict[str, Any]:
               "digest": meta["digest"], "attempt": attempt}
     request = ConversionRequest(
         job_id=job.id, registry=meta["registry"], repository=meta["repository"], tag=meta["tag"],
-        digest=meta["digest"], target_tag=meta["target_tag"], options=meta.get("options", {}),
+        digest=meta["digest"], target_tag=meta["target_tag"],
+        # Workers on other machines reuse each other's converted layers through the same Redis.
+        options={"cache_url": config.redis_url, **meta.get("options", {})},
         registry_settings=config.registries.get(meta["registry"]), attempt=attempt,
     )
     # One conversion per target tag at a time, across all workers.
