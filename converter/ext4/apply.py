@@ -167,7 +167,8 @@ class LayerApplier:
 
     def _apply_entry(self, reader: TarReader, entry: TarEntry) -> None:
         comps = clean_path(entry.name)
-        for comp in comps:
+        if comps and max(map(len, comps)) > EXT4_NAME_LEN:
+            comp = max(comps, key=len)
             if len(comp) > EXT4_NAME_LEN:
                 raise LayerApplyError(
                     self.label,

@@ -686,7 +686,9 @@ class Filesystem:
 
     def encode_inode(self, inode: Inode) -> bytes:
         t, extra = encode_time(inode.mtime, inode.mtime_ns)
-        blocks = sum(e.length for e in inode.extents) + len(inode.tree_blocks) + (1 if inode.xattr_block else 0)
+        extents = inode.extents
+        data_blocks = extents[0].length if len(extents) == 1 else sum(e.length for e in extents)
+        blocks = data_blocks + len(inode.tree_blocks) + (1 if inode.xattr_block else 0)
         blocks *= BLOCK_SIZE // 512
         size, acl, uid, gid = inode.size, inode.xattr_block, inode.uid, inode.gid
         # One struct for the 128-byte core and the 32 extra bytes (see layout.RawInode for the fields).

@@ -203,6 +203,11 @@ class TarReader:
     def read_exact(self, n: int) -> bytes:
         """Exactly n more bytes of the current entry's data (padding skipped after the last byte)."""
         assert self.current is not None
+        if n == self._data_left and self._pending - n < BLOCK:
+            # The entry's last piece: read its block padding in the same call.
+            data = self._read(self._pending)
+            self._pending = self._data_left = 0
+            return data[:n] if len(data) != n else data
         data = self._read(n)
         self._pending -= n
         self._data_left -= n
