@@ -17,7 +17,9 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from tests.harness.httpserver import QuietHandler, serve_in_background, stop_server
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"}
 
@@ -34,8 +36,11 @@ class Fault:
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.fired < self.times and (self.method is None or self.method == method)
-                and re.search(self.path, path) is not None)
+        return (
+            self.fired < self.times
+            and (self.method is None or self.method == method)
+            and re.search(self.path, path) is not None
+        )
 
 
 @dataclass
@@ -68,7 +73,7 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def _body(self) -> bytes:
@@ -100,8 +105,13 @@ class FaultProxy:
                     return
                 body = self._body()
                 if fault and fault.action in ("status", "respond"):
-                    payload = fault.body if fault.body is not None else json.dumps(
-                        {"errors": [{"code": "INJECTED", "message": f"injected {fault.status}"}]}).encode()
+                    payload = (
+                        fault.body
+                        if fault.body is not None
+                        else json.dumps(
+                            {"errors": [{"code": "INJECTED", "message": f"injected {fault.status}"}]}
+                        ).encode()
+                    )
                     proxy.log.append((method, path, fault.status))
                     headers = {"Content-Type": "application/json", **fault.headers}
                     self._answer(fault.status, headers, payload, head=method == "HEAD")
@@ -138,16 +148,9 @@ class FaultProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve_in_background(self.port, Handler)
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        stop_server(self._httpd)

@@ -7,7 +7,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from tests.harness.httpserver import QuietHandler, serve_in_background, stop_server
 
 
 @dataclass
@@ -49,15 +51,14 @@ class Receiver:
                     return events
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    summary = [(e.get("action"), e["target"].get("mediaType"), e["target"].get("tag"))
-                               for e in events]
+                    summary = [(e.get("action"), e["target"].get("mediaType"), e["target"].get("tag")) for e in events]
                     raise AssertionError(f"no matching notification within {timeout}s; got {summary}")
                 self._cond.wait(remaining)
 
     def start(self) -> Receiver:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver._cond:
@@ -68,16 +69,9 @@ class Receiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve_in_background(self.port, Handler)
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        stop_server(self._httpd)

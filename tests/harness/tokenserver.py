@@ -12,16 +12,16 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 
+from tests.harness.httpserver import QuietHandler, serve_in_background, stop_server
 from tests.harness.tls import KeyPair
 
 SERVICE = "test-registry"
@@ -30,8 +30,9 @@ ISSUER = "test-token-issuer"
 
 def libtrust_kid(keypair: KeyPair) -> str:
     """base32(sha256(DER SubjectPublicKeyInfo)[:30]) in 12 colon-separated groups of 4."""
-    der = keypair.key.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = keypair.key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     b32 = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode().rstrip("=")
     return ":".join(b32[i : i + 4] for i in range(0, 48, 4))
 
@@ -65,8 +66,16 @@ class TokenServer:
 
     def mint(self, subject: str, access: list[dict]) -> str:
         now = int(time.time())
-        claims = {"iss": ISSUER, "sub": subject, "aud": SERVICE, "iat": now, "nbf": now - 1,
-                  "exp": now + int(self.lifetime), "jti": uuid.uuid4().hex, "access": access}
+        claims = {
+            "iss": ISSUER,
+            "sub": subject,
+            "aud": SERVICE,
+            "iat": now,
+            "nbf": now - 1,
+            "exp": now + int(self.lifetime),
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
         headers = {"kid": libtrust_kid(self.keypair)}
         return jwt.encode(claims, self.keypair.key, algorithm="ES256", headers=headers)
 
@@ -85,7 +94,7 @@ class TokenServer:
     def start(self) -> TokenServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _refuse(self) -> None:
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="token"')
@@ -97,8 +106,11 @@ class TokenServer:
                 access = [a for a in access if a["name"] not in server.denied_repos]
                 server.issued.append({"user": user, "access": access, "time": time.time(), "grant": grant})
                 token = server.mint(user, access)
-                answer = {"access_token": token, "expires_in": int(server.advertised_lifetime or server.lifetime),
-                          "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                answer = {
+                    "access_token": token,
+                    "expires_in": int(server.advertised_lifetime or server.lifetime),
+                    "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
                 if grant == "basic":
                     answer["token"] = token  # the Docker token endpoint's name; OAuth2 answers only access_token
                 body = json.dumps(answer).encode()
@@ -127,23 +139,18 @@ class TokenServer:
                     return
                 form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
                 presented = form.get("refresh_token", [""])[0].encode()
-                user = next((u for token, u in server.refresh_tokens.items()
-                             if hmac.compare_digest(token.encode(), presented)), None)
+                user = next(
+                    (u for token, u in server.refresh_tokens.items() if hmac.compare_digest(token.encode(), presented)),
+                    None,
+                )
                 if form.get("grant_type") != ["refresh_token"] or user is None:
                     self._refuse()
                     return
                 self._grant(user, " ".join(form.get("scope", [])).split(), "refresh_token")
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = serve_in_background(self.port, Handler)
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
-        if self._httpd:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        stop_server(self._httpd)
