@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.ext4 import ImageBuilder, LayerApplyError, RawDisk
+from converter.ext4 import ImageBuilder, LayerApplyError, RawDisk, derive_fs_ids
 from converter.formats.layer import LayerBlobWriter
 from converter.formats.stack import StackedReader
 from tests import ext4_judge as judge
@@ -26,12 +26,18 @@ needs_mount = pytest.mark.skipif(not judge.can_mount(), reason="loop mounts need
 
 
 def build(
-    tmp_path: Path, layers: list[bytes], *, vsize: int = VSIZE, check_each: bool = True, debugfs: bool = True
+    tmp_path: Path,
+    layers: list[bytes],
+    *,
+    vsize: int = VSIZE,
+    check_each: bool = True,
+    debugfs: bool = True,
+    ids: tuple[bytes, bytes] = (bytes(16), bytes(16)),
 ) -> Path:
     """Convert layers into real overlaybd layer blobs; after each one, stack the blobs with our reader,
     materialise the disk and require it to be e2fsck-clean and to match the independent OCI model."""
     disk = tmp_path / "disk.raw"
-    builder = ImageBuilder(vsize)
+    builder = ImageBuilder(vsize, fs_uuid=ids[0], hash_seed=ids[1])
     blobs = []
     for k, layer in enumerate(layers):
         with LayerBlobWriter(tmp_path / f"layer{k}.obd", virtual_size=vsize) as writer:
@@ -223,7 +229,10 @@ def test_torture_image_details_seen_by_the_kernel(tmp_path: Path) -> None:
 
 def test_20000_entry_directory_is_an_htree_and_clean(tmp_path: Path) -> None:
     entries = [L.dir("big")] + [L.file(f"big/entry-{i:05d}-{'x' * (i % 40)}", b"") for i in range(20000)]
-    disk = build(tmp_path, [L.make_tar(entries)], debugfs=False)
+    # UUID and hash seed derived from the image, as the pipeline does: htree hashing with a real seed
+    disk = build(tmp_path, [L.make_tar(entries)], debugfs=False, ids=derive_fs_ids(b"sha256:" + b"ab" * 32))
+    header = subprocess.run(["dumpe2fs", "-h", str(disk)], capture_output=True, text=True).stdout
+    assert "Directory Hash Seed:      00000000" not in header
     out = subprocess.run(["debugfs", "-R", "htree_dump /big", str(disk)], capture_output=True, text=True)
     assert "Indirect levels: 0" in out.stdout and "Number of entries (count):" in out.stdout
 
