@@ -7,6 +7,7 @@ import hashlib
 import io
 import subprocess
 import tarfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -230,9 +231,11 @@ def test_torture_image_details_seen_by_the_kernel(tmp_path: Path) -> None:
 def test_20000_entry_directory_is_an_htree_and_clean(tmp_path: Path) -> None:
     entries = [L.dir("big")] + [L.file(f"big/entry-{i:05d}-{'x' * (i % 40)}", b"") for i in range(20000)]
     # UUID and hash seed derived from the image, as the pipeline does: htree hashing with a real seed
-    disk = build(tmp_path, [L.make_tar(entries)], debugfs=False, ids=derive_fs_ids(b"sha256:" + b"ab" * 32))
+    fs_uuid, hash_seed = derive_fs_ids(b"sha256:" + b"ab" * 32)
+    disk = build(tmp_path, [L.make_tar(entries)], debugfs=False, ids=(fs_uuid, hash_seed))
     header = subprocess.run(["dumpe2fs", "-h", str(disk)], capture_output=True, text=True).stdout
-    assert "Directory Hash Seed:      00000000" not in header
+    assert f"Directory Hash Seed:      {uuid.UUID(bytes=hash_seed)}" in header
+    assert f"Filesystem UUID:          {uuid.UUID(bytes=fs_uuid)}" in header
     out = subprocess.run(["debugfs", "-R", "htree_dump /big", str(disk)], capture_output=True, text=True)
     assert "Indirect levels: 0" in out.stdout and "Number of entries (count):" in out.stdout
 
