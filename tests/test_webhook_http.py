@@ -262,7 +262,6 @@ def test_manual_trigger_list_get_retry(client: FlaskClient) -> None:
 @pytest.mark.parametrize(("body", "status", "message"), [
     ({"reference": "demo/app:v1@" + digest_of("x")}, 400, "registry host"),
     ({"reference": "r.example/demo/app@" + digest_of("x")}, 400, "tag is required"),
-    ({"reference": "r.example/demo/app:v1"}, 400, "needs a digest"),
     ({"reference": "r.example/demo/app:v1@sha256:abc"}, 400, "digest must be"),
     ({"reference": "r.example/demo/app:v1_obd@" + digest_of("x")}, 422, "loop"),
     ({"reference": "r.example/demo/app:v1@" + digest_of("x"), "rule": "nope"}, 422, "rule"),
@@ -271,6 +270,23 @@ def test_manual_trigger_list_get_retry(client: FlaskClient) -> None:
 def test_manual_trigger_validation(client: FlaskClient, body: dict, status: int, message: str) -> None:
     response = client.post("/api/v1/conversions", json=body, headers=AUTH)
     assert response.status_code == status and message in response.get_json()["error"]
+
+
+def test_manual_trigger_by_tag_resolves_the_digest(tmp_path: Path, registry, oci_image_builder, push_image) -> None:
+    from tests.harness import layers as L
+    from tests.harness import oci
+    from webhook.config import RegistrySettings
+
+    pushed = push_image(oci_image_builder(oci.Image([oci.Layer([L.file("a", b"1")])])), registry, "demo/app:v1")
+    settings = {registry.host: RegistrySettings(endpoint=f"http://{registry.host}")}
+    client = create_app(make_config(tmp_path, registries=settings)).test_client()
+    response = client.post("/api/v1/conversions", json={"reference": f"{registry.host}/demo/app:v1"}, headers=AUTH)
+    assert response.status_code == 201, response.get_json()
+    assert response.get_json()["job"]["digest"] == pushed  # pinned to what the tag named at request time
+    missing = client.post("/api/v1/conversions", json={"reference": f"{registry.host}/demo/app:nope"}, headers=AUTH)
+    assert missing.status_code == 404 and "does not exist" in missing.get_json()["error"]
+    unreachable = client.post("/api/v1/conversions", json={"reference": "127.0.0.1:9/demo/app:v1"}, headers=AUTH)
+    assert unreachable.status_code == 502 and "cannot resolve" in unreachable.get_json()["error"]
 
 
 def test_manual_trigger_uses_named_rule_suffix(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from converter.errors import ConversionError
 from webhook.app import services
 from webhook.config import Rule
 from webhook.events import RegistryEvent
@@ -61,10 +63,14 @@ def trigger() -> Response | tuple[Response, int]:
     except ReferenceError_ as exc:
         return _error(str(exc), 400)
     if digest is None:
-        # The job store pins every job to a digest; resolving tags is the converter's registry client's
-        # job, not the front end's.
-        return _error("reference needs a digest (…:tag@sha256:…); get it with "
-                      "`skopeo inspect --format '{{.Digest}}' docker://<ref>`", 400)
+        # The job store pins every job to a digest: resolve the tag now (one manifest HEAD), so the job
+        # converts exactly what the tag names at the time of the request.
+        try:
+            digest = _resolve_tag(registry, repository, tag)
+        except ConversionError as exc:
+            return _error(f"cannot resolve {registry}/{repository}:{tag} to a digest: {exc}", 502)
+        if digest is None:
+            return _error(f"{registry}/{repository}:{tag} does not exist", 404)
     event = RegistryEvent("api", "", "push", registry, repository, tag, digest, None)
     rule = _pick_rule(body, event)
     if rule is None:
@@ -77,6 +83,20 @@ def trigger() -> Response | tuple[Response, int]:
     job_id = outcome.job_id
     status = 201 if outcome.status == "accepted" else 200
     return jsonify(status=outcome.status, job=services().store.get(job_id).to_dict()), status
+
+
+def _resolve_tag(registry: str, repository: str, tag: str) -> str | None:
+    """Digest the tag points at, through the same registry settings the workers use."""
+    from converter.options import RegistryOptions  # the registry client loads only when a tag needs it
+    from converter.registry import RetryPolicy
+    from converter.transport import registry_client
+
+    settings = services().config.registries.get(registry)
+    options = RegistryOptions.coerce(dataclasses.asdict(settings) if settings is not None else None)
+    # A request handler must answer quickly: two tries within 10 s, then a clear 502.
+    with registry_client(registry, options, retry=RetryPolicy(attempts=2, total=10.0, max_wait=2.0)) as client:
+        found = client.head_manifest(repository, tag)
+    return found.digest if found is not None else None
 
 
 @blueprint.get("/conversions")
