@@ -17,13 +17,21 @@ from webhook.retry import RetryPolicy
 from webhook.store import Intake, InvalidTransition, JobNotFound, JobState, JobStore, NewJob
 from webhook.worker import Worker, WorkerPool, WorkerSettings
 
-FAST_RETRY = RetrySettings(max_attempts=3, max_total_seconds=3600, initial_backoff_seconds=0.0,
-                           max_backoff_seconds=0.0, jitter_seconds=0.0)
+FAST_RETRY = RetrySettings(
+    max_attempts=3, max_total_seconds=3600, initial_backoff_seconds=0.0, max_backoff_seconds=0.0, jitter_seconds=0.0
+)
 
 
 def new_job(tag: str = "v1", digest: str | None = None, repo: str = "demo/app") -> NewJob:
-    return NewJob(registry="127.0.0.1:5101", repository=repo, tag=tag, digest=digest or digest_of(tag),
-                  target_tag=tag + "_obd", rule="default", options={"oci": True})
+    return NewJob(
+        registry="127.0.0.1:5101",
+        repository=repo,
+        tag=tag,
+        digest=digest or digest_of(tag),
+        target_tag=tag + "_obd",
+        rule="default",
+        options={"oci": True},
+    )
 
 
 @pytest.fixture
@@ -32,12 +40,14 @@ def store(tmp_path: Path) -> JobStore:
 
 
 def test_record_dedups_event_ids_and_images_and_counts(store: JobStore) -> None:
-    outcomes = store.record([
-        Intake("distribution", "e1", job=new_job()),
-        Intake("distribution", "e1", job=new_job()),  # redelivery of the same event
-        Intake("distribution", "e2", job=new_job()),  # another push of the same digest
-        Intake("distribution", "e3", reason="blob"),
-    ])
+    outcomes = store.record(
+        [
+            Intake("distribution", "e1", job=new_job()),
+            Intake("distribution", "e1", job=new_job()),  # redelivery of the same event
+            Intake("distribution", "e2", job=new_job()),  # another push of the same digest
+            Intake("distribution", "e3", reason="blob"),
+        ]
+    )
     assert [o.status for o in outcomes] == ["accepted", "duplicate_event", "duplicate_image", "ignored"]
     assert outcomes[1].job_id == outcomes[2].job_id == outcomes[0].job_id
     assert store.counts_by_state()["queued"] == 1
@@ -136,8 +146,11 @@ def test_release_hands_job_back_without_counting_the_attempt(store: JobStore) ->
 
 
 def test_retry_policy_uses_backoff_classification_and_budget() -> None:
-    policy = RetryPolicy(RetrySettings(max_attempts=4, max_total_seconds=100, initial_backoff_seconds=2,
-                                       max_backoff_seconds=10, jitter_seconds=0))
+    policy = RetryPolicy(
+        RetrySettings(
+            max_attempts=4, max_total_seconds=100, initial_backoff_seconds=2, max_backoff_seconds=10, jitter_seconds=0
+        )
+    )
     now = 1000.0
     delays = [policy.decide(TransientError("503"), n, now, now).delay for n in (1, 2, 3)]
     assert delays == [2.0, 4.0, 8.0]
@@ -229,8 +242,13 @@ def test_pool_graceful_stop_requeues_conversion_past_grace(store: JobStore) -> N
             raise TransientError("conversion aborted")
         return ConversionResult(request.target_ref)
 
-    pool = WorkerPool(store, convert, RetryPolicy(FAST_RETRY),
-                      WorkerSettings(lease_seconds=30, poll_interval_seconds=0.01), concurrency=2)
+    pool = WorkerPool(
+        store,
+        convert,
+        RetryPolicy(FAST_RETRY),
+        WorkerSettings(lease_seconds=30, poll_interval_seconds=0.01),
+        concurrency=2,
+    )
     pool.start()
     time.sleep(0.5)
     released = pool.stop(grace_seconds=0.5)
@@ -239,3 +257,51 @@ def test_pool_graceful_stop_requeues_conversion_past_grace(store: JobStore) -> N
     states = Counter(j.state for j in store.list_jobs())
     assert len(released) == 1 and states[JobState.QUEUED] == 1 and states[JobState.SUCCEEDED] == 1
     assert store.get(released[0]).tag == "slow" and store.get(released[0]).attempts == 0
+
+
+def test_finished_jobs_are_pruned_after_the_retention_period(store: JobStore) -> None:
+    day = 86400.0
+    now = time.time()
+    old_ok = store.record([Intake("distribution", "e-old", job=new_job("old", digest_of("old")))])[0].job_id
+    old_dead = store.record([Intake("api", job=new_job("dead", digest_of("dead")))])[0].job_id
+    recent = store.record([Intake("api", job=new_job("recent", digest_of("recent")))])[0].job_id
+    pending = store.record([Intake("api", job=new_job("pending", digest_of("pending")))])[0].job_id
+    jobs = {}
+    for _ in range(3):
+        job = store.claim("w", 30)
+        jobs[job.id] = job
+    assert store.succeed(jobs[old_ok], "sha256:" + "1" * 64, 10, now=now - 40 * day)
+    assert store.bury(jobs[old_dead], "bad image", now=now - 40 * day)
+    assert store.succeed(jobs[recent], "sha256:" + "2" * 64, 10, now=now - 1 * day)
+    assert store.prune_jobs(now - 30 * day) == 2
+    for job_id in (old_ok, old_dead):
+        with pytest.raises(JobNotFound):
+            store.get(job_id)
+        assert store.attempts(job_id) == []
+    assert store.get(recent).state is JobState.SUCCEEDED
+    assert store.get(pending).state is JobState.QUEUED  # never finished: never pruned
+    # The pruned job's delivery id is forgotten with it, so a very late redelivery is a new job.
+    assert store.record([Intake("distribution", "e-old", job=new_job("old", digest_of("old")))])[0].status == "accepted"
+
+
+def test_worker_prunes_finished_jobs_when_it_starts(store: JobStore) -> None:
+    job_id = store.record([Intake("api", job=new_job())])[0].job_id
+    job = store.claim("w", 30)
+    store.succeed(job, None, 0, now=time.time() - 90 * 86400)
+    worker = Worker(
+        store, flaky_convert, RetryPolicy(FAST_RETRY), WorkerSettings(poll_interval_seconds=0.01, job_retention_days=30)
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            store.get(job_id)
+        except JobNotFound:
+            break
+        time.sleep(0.02)
+    stop.set()
+    thread.join(5)
+    with pytest.raises(JobNotFound):
+        store.get(job_id)

@@ -82,6 +82,7 @@ class Config:
     poll_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 30.0
     event_retention_days: float = 7.0
+    job_retention_days: float = 30.0  # finished jobs (and their attempt logs) are deleted after this; 0 = never
     sqlite_synchronous: str = "NORMAL"
     retry: RetrySettings = field(default_factory=RetrySettings)
     rules: tuple[Rule, ...] = (Rule(),)

@@ -188,8 +188,9 @@ class RedisBackend:
                 "media_type": new.media_type, "target_tag": new.target_tag, "image_key": new.image_key,
                 "rule": new.rule, "options": dict(new.options), "created_at": now, "updated_at": now,
                 "attempt_log": []}
+        keep = int(self.config.job_retention_days * 86400) or KEEP
         self.queue.enqueue(run_conversion, job_id=job_id, meta=meta, retry=_retry(self.policy),
-                           result_ttl=KEEP, failure_ttl=KEEP, job_timeout=KEEP,
+                           result_ttl=keep, failure_ttl=keep, job_timeout=KEEP,
                            description=f"{new.registry}/{new.repository}:{new.tag} -> {new.target_tag}")
 
     # -- reading ----------------------------------------------------------------------------------
@@ -289,6 +290,9 @@ class RedisBackend:
 
     def prune_events(self, older_than: float) -> int:
         return 0  # delivery ids expire by themselves (Redis TTL)
+
+    def prune_jobs(self, older_than: float) -> int:
+        return 0  # finished jobs expire by themselves (RQ result_ttl / failure_ttl = job_retention_days)
 
 
 # -- workers ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY,  -- rowid order = arrival order (jobs are never deleted)
+    seq INTEGER PRIMARY KEY,  -- rowid order = arrival order (finished jobs are pruned after retention)
     id TEXT NOT NULL UNIQUE,
     state TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -593,6 +593,16 @@ class JobStore:
             )
             self._bump(conn, "manual_retries", "")
         return self.get(job_id)
+
+    def prune_jobs(self, older_than: float) -> int:
+        """Delete finished jobs (succeeded, dead, superseded) last changed before `older_than`, with their
+        attempt log and delivery ids; queued, running and failed-awaiting-retry jobs are never touched."""
+        finished = "state IN ('succeeded', 'dead', 'superseded') AND COALESCE(finished_at, updated_at) < ?"
+        with self._tx() as conn:
+            for table in ("attempts", "events"):
+                conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE {finished})",
+                             (older_than,))
+            return conn.execute(f"DELETE FROM jobs WHERE {finished}", (older_than,)).rowcount
 
     def prune_events(self, older_than: float) -> int:
         """Forget delivery ids older than `older_than` (epoch seconds); registries stop resending

@@ -30,11 +30,12 @@ class WorkerSettings:
     poll_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 30.0
     event_retention_days: float = 7.0
+    job_retention_days: float = 30.0
 
     @classmethod
     def from_config(cls, config: Config) -> WorkerSettings:
         return cls(config.lease_seconds, config.poll_interval_seconds, config.shutdown_grace_seconds,
-                   config.event_retention_days)
+                   config.event_retention_days, config.job_retention_days)
 
 
 def _job_fields(job: Job) -> dict[str, object]:
@@ -138,6 +139,8 @@ class Worker:
                 if time.time() >= next_prune:
                     retention = self.settings.event_retention_days * 86400
                     self.store.prune_events(time.time() - retention)
+                    if self.settings.job_retention_days > 0:
+                        self.store.prune_jobs(time.time() - self.settings.job_retention_days * 86400)
                     next_prune = time.time() + 3600
                 job = self.run_once()
             except Exception:
