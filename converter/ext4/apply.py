@@ -266,7 +266,8 @@ class LayerApplier:
                 log.warning("layer %s: %s: %s; skipped", self.label, entry.display_name, exc)
                 continue
             xattrs[name] = value
-        inode.xattrs = xattrs
+        if xattrs or inode.xattrs:
+            inode.xattrs = xattrs
         self.fs.touch(inode)
 
     # ------------------------------------------------------------------ file data

@@ -15,8 +15,9 @@ Everything is derived from the inputs: no clock, no random UUID, so equal inputs
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 from . import xattr as xattrs_mod
@@ -171,6 +172,10 @@ class Geometry:
         return base, members * (2 + self.inode_table_blocks)
 
 
+_NO_BLOCKS: list[int] = []  # shared by every inode without an extent tree; only ever replaced, never mutated
+_NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+
+
 class Inode:
     """One inode of the model. Directories carry their children; files their extents."""
 
@@ -179,7 +184,6 @@ class Inode:
         "extents",
         "flags",
         "gid",
-        "i_block",
         "ino",
         "links",
         "mode",
@@ -207,13 +211,12 @@ class Inode:
         self.links = 1
         self.flags = 0
         self.extents: list[Extent] = []
-        self.tree_blocks: list[int] = []
+        self.tree_blocks: list[int] = _NO_BLOCKS
         self.target = b""  # symlink target
         self.rdev = (0, 0)  # device major, minor
-        self.xattrs: dict[str, bytes] = {}
+        self.xattrs: Mapping[str, bytes] = _NO_XATTRS  # replaced, never mutated
         self.xattr_block = 0
         self.xattr_area = b""
-        self.i_block = bytes(60)
         self.children: dict[bytes, int] | None = {} if mode & S_IFMT == S_IFDIR else None
         self.parent = 0
 
@@ -617,7 +620,7 @@ class Filesystem:
     # inodes ------------------------------------------------------------
 
     def _write_inode_blocks(self, inode: Inode, sink: BlockSink) -> None:
-        """EA block and extent tree of a changed inode; computes i_block and the in-inode xattr area."""
+        """EA block and extent tree of a changed inode; computes its in-inode xattr area."""
         entries = xattrs_mod.to_entries(inode.xattrs) if inode.xattrs else []
         area = xattrs_mod.pack_inode_area(entries)
         if area is None:
@@ -632,57 +635,66 @@ class Filesystem:
                 inode.xattr_block = 0
             inode.xattr_area = area
 
-        kind = inode.kind
         if inode.uses_extents:
             inode.flags |= EXT4_EXTENTS_FL
-            inode.i_block = self._write_extent_tree(inode, sink)
-        elif kind == S_IFLNK:
-            inode.i_block = inode.target.ljust(60, b"\0")
-        elif kind in (S_IFCHR, S_IFBLK):
-            major, minor = inode.rdev
-            if major < 256 and minor < 256:
-                inode.i_block = struct.pack("<I", (major << 8) | minor).ljust(60, b"\0")
-            else:
-                new = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-                inode.i_block = struct.pack("<II", 0, new & 0xFFFFFFFF).ljust(60, b"\0")
-        else:
-            inode.i_block = bytes(60)
+            self._write_extent_tree(inode, sink)
 
-    def _write_extent_tree(self, inode: Inode, sink: BlockSink) -> bytes:
-        extents = inode.extents
+    @staticmethod
+    def _extent_layout(extents: list[Extent], ino: int) -> tuple[list[list[Extent]], int, int]:
+        """(leaves, depth, tree blocks needed): at most 4 extents in the inode, 340 per leaf or index block."""
         leaves = [extents[i : i + EXTENTS_PER_BLOCK] for i in range(0, len(extents), EXTENTS_PER_BLOCK)]
         if len(extents) <= EXTENTS_IN_INODE:
-            needed, depth = 0, 0
-        elif len(leaves) <= EXTENTS_IN_INODE:
-            needed, depth = len(leaves), 1
-        else:
-            index_blocks = -(-len(leaves) // EXTENTS_PER_BLOCK)
-            if index_blocks > EXTENTS_IN_INODE:
-                raise Ext4Error(f"inode {inode.ino}: {len(extents)} extents need a deeper extent tree")
-            needed, depth = len(leaves) + index_blocks, 2
+            return leaves, 0, 0
+        if len(leaves) <= EXTENTS_IN_INODE:
+            return leaves, 1, len(leaves)
+        index_blocks = -(-len(leaves) // EXTENTS_PER_BLOCK)
+        if index_blocks > EXTENTS_IN_INODE:
+            raise Ext4Error(f"inode {ino}: {len(extents)} extents need a deeper extent tree")
+        return leaves, 2, len(leaves) + index_blocks
+
+    def _write_extent_tree(self, inode: Inode, sink: BlockSink) -> None:
+        """Allocate (or reuse) and write the leaf and index blocks of a changed inode's extent tree."""
+        leaves, depth, needed = self._extent_layout(inode.extents, inode.ino)
         if len(inode.tree_blocks) != needed:
             for run in _runs_of(inode.tree_blocks):
                 self.free_block_run(*run)
             inode.tree_blocks = [b for start, n in self.allocate_blocks(needed) for b in range(start, start + n)]
         if depth == 0:
-            return pack_extent_node([e.pack() for e in extents], EXTENTS_IN_INODE, 0, 60)
+            return
         leaf_blocks = inode.tree_blocks[: len(leaves)]
-        data = [pack_extent_node([e.pack() for e in leaf], EXTENTS_PER_BLOCK, 0, BLOCK_SIZE) for leaf in leaves]
-        refs = [pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, leaf_blocks, strict=True)]
-        blocks = list(leaf_blocks)
+        for leaf, blk in zip(leaves, leaf_blocks, strict=True):
+            sink.write(blk * BLOCK_SIZE, pack_extent_node([e.pack() for e in leaf], EXTENTS_PER_BLOCK, 0, BLOCK_SIZE))
         if depth == 2:
-            index_blocks_nr = inode.tree_blocks[len(leaves) :]
-            first_logicals = [leaf[0].logical for leaf in leaves]
-            top = []
-            for k, blk in enumerate(index_blocks_nr):
+            refs = [pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, leaf_blocks, strict=True)]
+            for k, blk in enumerate(inode.tree_blocks[len(leaves) :]):
                 chunk = refs[k * EXTENTS_PER_BLOCK : (k + 1) * EXTENTS_PER_BLOCK]
-                data.append(pack_extent_node(chunk, EXTENTS_PER_BLOCK, 1, BLOCK_SIZE))
-                blocks.append(blk)
-                top.append(pack_extent_index(first_logicals[k * EXTENTS_PER_BLOCK], blk))
-            refs = top
-        for blk, payload in zip(blocks, data, strict=True):
-            sink.write(blk * BLOCK_SIZE, payload)
-        return pack_extent_node(refs, EXTENTS_IN_INODE, depth, 60)
+                sink.write(blk * BLOCK_SIZE, pack_extent_node(chunk, EXTENTS_PER_BLOCK, 1, BLOCK_SIZE))
+
+    def _i_block(self, inode: Inode) -> bytes:
+        """The inode's 60-byte i_block, derived from the model (so it is never stored per inode)."""
+        kind = inode.kind
+        if inode.uses_extents:
+            extents = inode.extents
+            leaves, depth, _ = self._extent_layout(extents, inode.ino)
+            if depth == 0:
+                return pack_extent_node([e.pack() for e in extents], EXTENTS_IN_INODE, 0, 60)
+            blocks = inode.tree_blocks
+            if depth == 1:
+                refs = [pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, blocks, strict=False)]
+            else:
+                index_blocks = blocks[len(leaves) :]
+                refs = [pack_extent_index(leaves[k * EXTENTS_PER_BLOCK][0].logical, blk)
+                        for k, blk in enumerate(index_blocks)]  # fmt: skip
+            return pack_extent_node(refs, EXTENTS_IN_INODE, depth, 60)
+        if kind == S_IFLNK:
+            return inode.target.ljust(60, b"\0")
+        if kind in (S_IFCHR, S_IFBLK):
+            major, minor = inode.rdev
+            if major < 256 and minor < 256:
+                return struct.pack("<I", (major << 8) | minor).ljust(60, b"\0")
+            new = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+            return struct.pack("<II", 0, new & 0xFFFFFFFF).ljust(60, b"\0")
+        return bytes(60)
 
     def encode_inode(self, inode: Inode) -> bytes:
         t, extra = encode_time(inode.mtime, inode.mtime_ns)
@@ -694,7 +706,7 @@ class Filesystem:
         # One struct for the 128-byte core and the 32 extra bytes (see layout.RawInode for the fields).
         head = _INODE_HEAD.pack(
             inode.mode, uid & 0xFFFF, size & 0xFFFFFFFF, t, t, t, 0, gid & 0xFFFF, inode.links,
-            blocks & 0xFFFFFFFF, inode.flags, 0, inode.i_block, 0, acl & 0xFFFFFFFF, size >> 32, 0,
+            blocks & 0xFFFFFFFF, inode.flags, 0, self._i_block(inode), 0, acl & 0xFFFFFFFF, size >> 32, 0,
             blocks >> 32, acl >> 32, uid >> 16, gid >> 16, 0, 0,
             EXTRA_ISIZE, 0, extra, extra, extra, 0, 0, 0, 0,
         )  # fmt: skip

@@ -166,7 +166,6 @@ def _decode_inode(disk: Disk, ino: int, raw: bytes) -> Inode:
     inode.size = r.size
     inode.links = r.links_count
     inode.flags = r.flags
-    inode.i_block = r.i_block
     inode.xattr_block = r.file_acl
     kind = r.mode & S_IFMT
     if kind == S_IFLNK and not r.flags & EXT4_EXTENTS_FL and r.size <= FAST_SYMLINK_MAX:

@@ -9,6 +9,7 @@ In the inode, value offsets count from the first entry; in an EA block, from the
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .hashing import xattr_block_hash, xattr_entry_hash
@@ -111,7 +112,7 @@ def acl_disk_to_xattr(value: bytes) -> bytes:
     return b"".join(out)
 
 
-def to_entries(xattrs: dict[str, bytes]) -> list[XattrEntry]:
+def to_entries(xattrs: Mapping[str, bytes]) -> list[XattrEntry]:
     """Disk entries for a name -> value map, ACLs converted, sorted as ext4 keeps them in a block."""
     entries = []
     for name, value in xattrs.items():
