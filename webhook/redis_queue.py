@@ -360,6 +360,10 @@ def run_conversion() -> dict[str, Any]:
     convert: ConvertFn = ctx["convert"]
     redis: Redis = ctx["redis"]
     meta = job.meta
+    if _succeeded(meta):
+        # RQ can start a job again after a worker died (its maintenance and the Retry schedule may both
+        # re-enqueue it); a job that already succeeded is not converted twice.
+        return _stored_result(meta)
     now = time.time()
     log_entries: list[dict[str, Any]] = meta.setdefault("attempt_log", [])
     if log_entries and log_entries[-1].get("finished_at") is None:
@@ -393,6 +397,13 @@ def run_conversion() -> dict[str, Any]:
                                  f"{meta.get('last_error') or 'worker lost its lease'}")
         if not lock.acquire():
             raise TransientError(f"another conversion of {meta['image_key']} is still running")
+        current = RQJob.fetch(job.id, connection=redis).meta
+        if _succeeded(current):  # a duplicate run finished this job while we waited for the tag's lock
+            with contextlib.suppress(LockError):
+                lock.release()
+            job.meta = current
+            job.save_meta()
+            return _stored_result(current)
         renewing = threading.Event()
         renewer = threading.Thread(target=_renew, args=(lock, renewing, config.lease_seconds / 3), daemon=True)
         renewer.start()
@@ -430,6 +441,15 @@ def run_conversion() -> dict[str, Any]:
     log.info("conversion succeeded", extra={**fields, "target_digest": result.target_digest})
     return {"target_digest": result.target_digest, "bytes_written": result.bytes_written,
             "details": json.loads(json.dumps(dict(result.details), default=str))}
+
+
+def _succeeded(meta: dict[str, Any]) -> bool:
+    return any(entry.get("outcome") == "succeeded" for entry in meta.get("attempt_log", ()))
+
+
+def _stored_result(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"target_digest": meta.get("target_digest"), "bytes_written": meta.get("bytes_written", 0),
+            "details": {"duplicate_run": True}}
 
 
 def backend_for(config: Config) -> RedisBackend:
