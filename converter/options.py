@@ -24,6 +24,14 @@ class OptionsError(PermanentError, ValueError):
     """An option has a value the converter cannot honour; the message names the option."""
 
 
+def _known_fields(cls: type, value: Mapping[str, Any], problem: str) -> dict[str, Any]:
+    """The mapping as constructor arguments of the dataclass `cls`; unknown keys are an OptionsError."""
+    unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise OptionsError(f"{problem} {', '.join(unknown)}")
+    return dict(value)
+
+
 @dataclass(frozen=True)
 class RegistryOptions:
     """How to reach a registry: credentials, TLS and plain-HTTP choices (same for source and target).
@@ -48,11 +56,7 @@ class RegistryOptions:
             return cls()
         if isinstance(value, RegistryOptions):
             return value
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise OptionsError(f"registry options: unknown key(s) {', '.join(unknown)}")
-        data = dict(value)
+        data = _known_fields(cls, value, "registry options: unknown key(s)")
         if data.get("client_cert") is not None:
             data["client_cert"] = tuple(data["client_cert"])
         return cls(**data)
@@ -115,11 +119,7 @@ class ConvertOptions:
             return cls()
         if isinstance(value, ConvertOptions):
             return value
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise OptionsError(f"unknown conversion option(s) {', '.join(unknown)}")
-        return cls(**value)
+        return cls(**_known_fields(cls, value, "unknown conversion option(s)"))
 
     @property
     def registry_options(self) -> RegistryOptions:

@@ -16,10 +16,11 @@ from typing import Any
 
 from converter.errors import PermanentError
 from webhook.config import RegistrySettings
+from webhook.store import ImageRefs
 
 
 @dataclass(frozen=True)
-class ConversionRequest:
+class ConversionRequest(ImageRefs):
     """One conversion to perform: the pushed image (pinned by digest) and the tag to publish."""
 
     job_id: str
@@ -33,16 +34,6 @@ class ConversionRequest:
     attempt: int = 1
     # Set by the worker pool when a shutdown's grace period ends; conversions should stop soon after.
     cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-
-    @property
-    def source_ref(self) -> str:
-        # Pinned to the pushed digest: if the tag moved meanwhile, a newer job exists and supersedes
-        # or follows this one, and `<tag>_obd` still ends up matching the newest push.
-        return f"{self.registry}/{self.repository}@{self.digest}"
-
-    @property
-    def target_ref(self) -> str:
-        return f"{self.registry}/{self.repository}:{self.target_tag}"
 
 
 @dataclass(frozen=True)

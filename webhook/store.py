@@ -155,8 +155,27 @@ class _Delivery:
     error: BaseException | None = None
 
 
+class ImageRefs:
+    """References of a job's source (pinned to the pushed digest) and target, from its fields."""
+
+    registry: str
+    repository: str
+    digest: str
+    target_tag: str
+
+    @property
+    def source_ref(self) -> str:
+        # Pinned to the pushed digest: if the tag moved meanwhile, a newer job exists and supersedes
+        # or follows this one, and `<tag>_obd` still ends up matching the newest push.
+        return f"{self.registry}/{self.repository}@{self.digest}"
+
+    @property
+    def target_ref(self) -> str:
+        return f"{self.registry}/{self.repository}:{self.target_tag}"
+
+
 @dataclass(frozen=True)
-class Job:
+class Job(ImageRefs):
     id: str
     state: JobState
     source: str
@@ -183,14 +202,6 @@ class Job:
     target_digest: str | None
     bytes_written: int | None
     superseded_by: str | None
-
-    @property
-    def source_ref(self) -> str:
-        return f"{self.registry}/{self.repository}@{self.digest}"
-
-    @property
-    def target_ref(self) -> str:
-        return f"{self.registry}/{self.repository}:{self.target_tag}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
