@@ -16,6 +16,7 @@ from webhook.gunicorn_settings import (  # noqa: F401  (gunicorn reads these mod
     threads,
     timeout,
     worker_class,
+    worker_connections,
     workers,
     wsgi_app,
 )

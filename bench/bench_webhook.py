@@ -125,6 +125,7 @@ def with_server(args: argparse.Namespace, phase: Callable[[int, str], PhaseResul
         env = {**os.environ, "OBD_WEBHOOK_DATA_DIR": data_dir, "OBD_WEBHOOK_LISTEN": f"127.0.0.1:{port}",
                "OBD_WEBHOOK_SECRETS": SECRET, "OBD_WEBHOOK_HTTP_WORKERS": str(args.http_workers),
                "OBD_WEBHOOK_HTTP_THREADS": str(args.http_threads),
+               "OBD_WEBHOOK_HTTP_WORKER_CLASS": args.http_worker_class,
                "OBD_WEBHOOK_SQLITE_SYNCHRONOUS": args.synchronous}
         if args.redis_url:
             env.update(OBD_WEBHOOK_QUEUE="redis", OBD_WEBHOOK_REDIS_URL=args.redis_url)
@@ -336,14 +337,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16, help="wrk: connections")
     parser.add_argument("--paced-connections", type=int, default=32, help="paced-wrk: connections")
     parser.add_argument("--http-workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--http-threads", type=int, default=8, help="threads per gunicorn worker")
+    parser.add_argument("--http-worker-class", default="gevent", choices=["gevent", "gthread"],
+                        help="gunicorn worker class (the service default is gevent)")
+    parser.add_argument("--http-threads", type=int, default=8, help="threads per gthread worker")
     parser.add_argument("--synchronous", default="NORMAL", help="SQLite synchronous (NORMAL or FULL)")
     parser.add_argument("--redis-url", help="measure the redis queue mode against this (empty!) Redis")
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cpus, {cpu_model()}; load average {os.getloadavg()[0]:.2f} at start")
     queue = f"redis {args.redis_url}" if args.redis_url else f"sqlite synchronous={args.synchronous}"
-    print(f"server: gunicorn {args.http_workers} workers x {args.http_threads} threads, {queue}, workers off")
+    per_worker = "greenlets" if args.http_worker_class == "gevent" else f"{args.http_threads} threads"
+    print(f"server: gunicorn {args.http_workers} {args.http_worker_class} workers ({per_worker}), {queue}, "
+          "workers off")
     phases = {"paced": paced_phase, "wrk": wrk_phase,
               "paced-wrk": lambda a: wrk_phase(a, paced=True)}
     results = [with_server(args, phases[name](args)) for name in args.phases.split(",")]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.test_webhook_support import (
@@ -177,6 +182,45 @@ def test_front_end_without_workers_and_separate_worker_process(tmp_path: Path) -
         service.stop()
 
 
+def _http_worker_pids(service: ServeProcess) -> list[int]:
+    """gunicorn worker processes: grandchildren of `serve` (serve -> gunicorn master -> workers)."""
+    assert service.proc is not None
+
+    def children(pid: int) -> list[int]:
+        tasks = Path(f"/proc/{pid}/task")
+        return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+    return [worker for master in children(service.proc.pid) for worker in children(master)]
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_http_worker_classes_store_every_concurrent_event_and_checkpoint(tmp_path: Path, worker_class: str) -> None:
+    env = service_env(tmp_path / "record.jsonl", 0, OBD_WEBHOOK_HTTP_WORKER_CLASS=worker_class)
+    service = ServeProcess(tmp_path / "data", env, args=("--no-workers",)).start()
+    try:
+        events = [distribution_event(repository=f"classes/app{i}", tag="v1") for i in range(48)]
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda event: post(service, event).status_code, events))
+        assert statuses == [200] * len(events)
+        assert sorted(j["event_id"] for j in jobs(service)) == sorted(e["id"] for e in events)
+        # Each HTTP process runs the WAL checkpointer on an OS thread of its own, also under gevent
+        # (a greenlet would stall the process's requests during the fsync). A worker still booting
+        # has not created its store yet, hence the wait.
+        wait_until(lambda: [len(list(Path(f"/proc/{pid}/task").iterdir())) >= 2
+                            for pid in _http_worker_pids(service)] == [True, True],
+                   timeout=30, interval=0.2, what="two HTTP worker processes, each with a checkpoint thread")
+
+        def checkpointed() -> bool:  # the main database file alone (no WAL) already holds every job
+            copy = tmp_path / f"main-only-{time.monotonic_ns()}.sqlite3"
+            shutil.copyfile(tmp_path / "data" / "jobs.sqlite3", copy)
+            with closing(sqlite3.connect(copy)) as conn:
+                return conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == len(events)
+
+        wait_until(checkpointed, timeout=15, interval=0.5, what="WAL checkpointed into the database file")
+    finally:
+        service.stop()
+
+
 def test_serve_with_zero_configuration_prints_secret_once(tmp_path: Path) -> None:
     """What `make run` does: no file, no secret; the secret is generated, stored and shown once."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBD_WEBHOOK_")}
@@ -214,3 +258,6 @@ def test_snippets_command_and_config_errors(tmp_path: Path, capsys, monkeypatch)
     bad.write_text("workers: lots\n")
     assert main(["serve", "--config", str(bad)]) == 2
     assert "configuration error: workers" in capsys.readouterr().err
+    bad.write_text("http_worker_class: sync\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "http_worker_class: expected one of gevent, gthread, got 'sync'" in capsys.readouterr().err

@@ -12,10 +12,12 @@ _config = load_config()
 
 wsgi_app = "webhook.app:create_app_from_env()"
 bind = [_config.listen]
-# Threads, not more processes: a request is JSON parsing plus one short SQLite transaction.
-worker_class = "gthread"
+# A request is JSON parsing plus one short SQLite transaction: a few processes, each serving many
+# connections, either as greenlets (gevent, the default) or as threads (gthread).
+worker_class = _config.http_worker_class
 workers = _config.http_workers
 threads = _config.http_threads
+worker_connections = _config.http_connections
 # Distribution waits 1 s for an answer and Harbor 3 s; a request that takes longer is already failed.
 timeout = 30
 graceful_timeout = 10

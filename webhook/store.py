@@ -12,11 +12,14 @@ job; a job whose lease expired (worker killed) is claimable again.
 
 from __future__ import annotations
 
+import _thread
 import fcntl
+import importlib
 import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +30,16 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+
+def _native(module: str, name: str) -> Any:
+    """`module.name` as it was before gevent monkey-patching, if this process is patched (gunicorn's
+    gevent worker). The checkpointer must be a real OS thread: on a greenlet, its page copies and fsync
+    would stall every request of the process."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original(module, name)
+    return getattr(importlib.import_module(module), name)
 
 
 class JobState(str, Enum):
@@ -277,10 +290,11 @@ class JobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         # Every statement is idempotent (IF NOT EXISTS), so concurrent starters cannot conflict.
         conn.executescript(SCHEMA)
-        self._stopped = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpoint",
-                                              daemon=True)
-        self._checkpointer.start()
+        # Released by close(); a lock rather than an Event so that it also works from an OS thread
+        # inside a gevent-patched process (see _native).
+        self._stop_lock: _thread.LockType = _native("_thread", "allocate_lock")()
+        self._stop_lock.acquire()
+        _native("_thread", "start_new_thread")(self._checkpoint_loop, ())
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -302,7 +316,7 @@ class JobStore:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
         try:
-            while not self._stopped.wait(CHECKPOINT_INTERVAL_S):
+            while not self._stop_lock.acquire(timeout=CHECKPOINT_INTERVAL_S):
                 try:
                     # PASSIVE never blocks writers; pages still needed by readers are copied next time.
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -335,7 +349,7 @@ class JobStore:
     def close(self) -> None:
         """Release the store (this thread's connection, the checkpointer, the lock file); do not use it
         afterwards."""
-        self._stopped.set()
+        self._stop_lock.release()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
