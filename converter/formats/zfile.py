@@ -23,6 +23,7 @@ import crc32c as _crc32c
 import lz4.block
 import zstandard
 
+from . import zworkers
 from .common import BytesLike, FormatError, RandomAccess
 from .crc import ZFILE_BLOCK_CRC_SEED, crc32c_raw
 
@@ -53,7 +54,10 @@ JUMP_GROUP_BYTES = 65536  # jump table groups cover 64 KiB of input with u16 del
 MAX_GROUP_DELTA = 65535
 MAX_ZFILE_INDEX_SIZE = 1_000_000_000
 CRC_SIZE = 4
-BATCH_BYTES = 1 << 20  # input per compression task: 256 blocks of 4 KiB amortise the per-task overhead
+BATCH_BYTES = zworkers.BATCH_BYTES  # input per compression task (threads or worker processes)
+# Input after which a writer moves compression from threads to worker processes (zworkers.py): small
+# blobs do not pay for starting the workers, large ones stop fighting the caller for the GIL.
+PROCESS_THRESHOLD = 16 << 20
 READ_BATCH_BLOCKS = 256  # blocks per decompression task in large reads
 
 _HT = struct.Struct("<8s16sIIQQQQIIIBBBBIIB7x")
@@ -201,13 +205,17 @@ class ZFileStats:
 class ZFileWriter:
     """Compresses a byte stream into a ZFile written to the seekable `out`, starting at its position.
 
-    Input is cut into BATCH_BYTES tasks compressed by a thread pool; at most 2 x workers tasks are in
-    flight and results are written in submission order. The header is a placeholder until close(), which
-    writes the jump table and the trailer and then patches the header with the final info (flags 0x1B).
+    Input is cut into BATCH_BYTES tasks. The first PROCESS_THRESHOLD bytes are compressed by a thread
+    pool (at most 2 x workers tasks in flight, written in submission order by a writer thread); after
+    that, by `workers` worker processes (zworkers.py) if this process's workers are free, else still by
+    threads. `processes`: None = that automatic switch, True = workers from the first byte, False =
+    threads only. Every path compresses each block the same way, so the output does not depend on it.
+    The header is a placeholder until close(), which writes the jump table and the trailer and then
+    patches the header with the final info (flags 0x1B).
     """
 
     def __init__(self, out: BinaryIO, *, block_size: int = DEFAULT_BLOCK_SIZE, algorithm: str = "lz4",
-                 workers: int | None = None, verify: bool = True) -> None:
+                 workers: int | None = None, verify: bool = True, processes: bool | None = None) -> None:
         if algorithm not in ALGORITHMS:
             raise FormatError(f"unknown ZFile algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
         if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0):
@@ -220,6 +228,9 @@ class ZFileWriter:
         self.verify = verify
         workers = workers or os.cpu_count() or 1
         self._batch = max(BATCH_BYTES, block_size)
+        self._workers = workers
+        self._process_after = None if processes is False else 0 if processes else PROCESS_THRESHOLD
+        self._procs: zworkers.CompressWorkers | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zfile")
         # Compressed batches are written, in submission order, by one writer thread, so the caller (the
         # ext4 builder) never waits on a write; the bounded queue keeps at most 2 x workers batches in flight.
@@ -258,8 +269,35 @@ class ZFileWriter:
     def _submit(self, chunk: BytesLike) -> None:
         if self._writer_error is not None:
             raise self._writer_error
+        if self._process_after is not None and self._in_bytes >= self._process_after:
+            self._process_after = None  # one try per writer
+            self._start_processes()
         self._in_bytes += len(chunk)
+        if self._procs is not None:
+            if self._procs.full:
+                self._emit_view(*self._procs.collect())
+            self._procs.submit(chunk, self.block_size, self.algo, self.verify)
+            return
         self._inflight.put(self._pool.submit(compress_batch, chunk, self.block_size, self.algo, self.verify))
+
+    def _start_processes(self) -> None:
+        procs = zworkers.lease(self._workers)
+        if procs is None:
+            return  # another writer of this process has them: stay on threads
+        # Batches already given to threads come first in the file: let the writer thread finish them.
+        self._finish_writer()
+        self._pool.shutdown()
+        self._procs = procs
+        if self._writer_error is not None:
+            raise self._writer_error
+
+    def _emit_view(self, payloads: memoryview, lengths: array) -> None:
+        if self._fd is None:
+            self._out.write(payloads)
+        else:
+            _writev_all(self._fd, [payloads])
+        self._payload_bytes += len(payloads)
+        self._table.extend(lengths)
 
     def _write_loop(self) -> None:
         while True:
@@ -289,6 +327,11 @@ class ZFileWriter:
         if self._pending:
             chunk, self._pending = self._pending, bytearray()
             self._submit(chunk)
+        if self._procs is not None:
+            while self._procs.pending:
+                self._emit_view(*self._procs.collect())
+            zworkers.release(self._procs)
+            self._procs = None
         self._finish_writer()
         self._pool.shutdown()
         if self._writer_error is not None:
@@ -310,6 +353,9 @@ class ZFileWriter:
 
     def abort(self) -> None:
         self._writer_error = self._writer_error or FormatError("ZFile writer aborted")
+        if self._procs is not None:
+            zworkers.release(self._procs, broken=True)
+            self._procs = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._writer.is_alive():
             self._finish_writer()
