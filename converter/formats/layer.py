@@ -80,8 +80,12 @@ class LayerBlobWriter:
         self._zfile: ZFileWriter | None = None
         self._done = False
         self.info: BlobInfo | None = None  # set by close()
-        # unbuffered: the ZFile writer passes whole compressed batches to os.writev
-        self._file = _FullWriteFile(self.path, "w+")
+        # unbuffered: the ZFile writer passes whole compressed batches to os.writev. An existing file is
+        # replaced, not truncated: ext4 flushes a truncated-and-rewritten file on close (auto_da_alloc),
+        # which cost 0.2 s per GiB of blob here.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._file = _FullWriteFile(self.path, "x+")
         try:
             self._data_offset = WRAPPERS[wrapper][0] if wrapper != "none" else 0
             self._file.write(bytes(self._data_offset))  # tar headers: patched at close

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import crc32c as _crc32c
 import lz4.block
+import numpy as np
 import zstandard
 
 from . import zworkers
@@ -138,11 +139,21 @@ def is_zfile(raw: BytesLike) -> bool:
 def check_jump_lengths(lengths: array, first_block: int, block_size: int, verify: bool, where: str) -> None:
     """The reader's constraints on stored block lengths (§2.6.4/5); `lengths` starts at a group boundary."""
     floor = CRC_SIZE if verify else 0
+    group = JUMP_GROUP_BYTES // block_size
+    table = np.frombuffer(lengths, dtype=np.uint32)
+    if len(table) and floor < int(table.min()) and int(table.max()) <= MAX_READ_BLOCK:
+        if group <= 1:
+            return
+        # u16 deltas: the stored lengths of the first group-1 blocks of every group sum to < 65535
+        padded = np.zeros(-(-len(table) // group) * group, dtype=np.uint64)
+        padded[:len(table)] = table
+        if int(padded.reshape(-1, group)[:, :-1].sum(axis=1).max()) < MAX_GROUP_DELTA:
+            return
+    # something is wrong: find the first offender, for the message
     for i, n in enumerate(lengths):
         if n <= floor or n > MAX_READ_BLOCK:
             raise FormatError(f"{where}: block {first_block + i} has stored length {n}; overlaybd needs "
                               f"{floor} < length <= {MAX_READ_BLOCK}")
-    group = JUMP_GROUP_BYTES // block_size
     if group > 1:
         for g in range(0, len(lengths), group):
             total = sum(lengths[g:g + group - 1])
