@@ -21,7 +21,6 @@ from typing import BinaryIO
 
 import crc32c as _crc32c
 import lz4.block
-import numpy as np
 import zstandard
 
 from . import zworkers
@@ -138,6 +137,8 @@ def is_zfile(raw: BytesLike) -> bool:
 
 def check_jump_lengths(lengths: array, first_block: int, block_size: int, verify: bool, where: str) -> None:
     """The reader's constraints on stored block lengths (§2.6.4/5); `lengths` starts at a group boundary."""
+    import numpy as np  # here, not at the top: compression worker processes import this module too
+
     floor = CRC_SIZE if verify else 0
     group = JUMP_GROUP_BYTES // block_size
     table = np.frombuffer(lengths, dtype=np.uint32)
