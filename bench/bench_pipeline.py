@@ -109,7 +109,6 @@ def proc_cpu(pid: int) -> float:
 
 def child(args: argparse.Namespace) -> None:
     """Run one conversion in this process; print the result plus VmHWM and CPU seconds."""
-    import resource
 
     from converter.pipeline import convert
 
@@ -117,10 +116,11 @@ def child(args: argparse.Namespace) -> None:
     result = convert(args.source, args.target, {"registry": {"plain_http": True}, "cache_dir": args.cache_dir,
                                                  "work_dir": args.work_dir, "force": args.force})
     wall = time.monotonic() - start
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    status = Path("/proc/self/status").read_text().splitlines()
-    hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_rss": hwm,
+    # the ZFile compression worker processes are still alive: count them through /proc
+    from _proctree import tree_cpu_seconds, tree_peak_rss_mb
+
+    print(json.dumps({"wall": wall, "cpu": tree_cpu_seconds(os.getpid()),
+                      "peak_rss": int(tree_peak_rss_mb(os.getpid()) * 1024 * 1024),
                       "result": result.to_json()}))
 
 
