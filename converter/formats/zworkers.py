@@ -13,7 +13,7 @@ and sends the worker a small request over a pipe; the worker compresses it block
 `compress_batch` (the very function the thread path uses, so both produce the same bytes), leaves the
 payloads in the slot and answers with the stored lengths. There are no helper threads in the parent:
 the writer collects answers in submission order when it needs a slot or finishes. Workers are plain
-`python -m converter.formats.zworkers` children, started once per process and leased to one writer at a
+`python -c` children running `worker_main`, started once per process and leased to one writer at a
 time; they exit when their request pipe closes, so a dying parent cannot leave them behind, and the
 memfd has no name that could leak.
 """
@@ -161,7 +161,8 @@ class CompressWorkers:
             for _ in range(count):
                 self._workers.append(_Worker(memfd, self.size))
         except BaseException:
-            self.close()
+            for worker in self._workers:
+                worker.close()
             raise
         finally:
             os.close(memfd)  # the mapping and the workers keep the memory
@@ -218,10 +219,8 @@ class CompressWorkers:
         for worker in self._workers:
             worker.close()
         self._workers = []
-        if hasattr(self, "view"):
-            self.view.release()
-        if hasattr(self, "region"):
-            self.region.close()
+        self.view.release()
+        self.region.close()
 
 
 # One set of workers per process, lent to one writer at a time (a second concurrent writer, e.g. another
