@@ -118,3 +118,15 @@ def test_workers_exit_when_the_parent_closes_their_pipes() -> None:
     procs = [w.proc for w in zworkers._shared._workers]
     zworkers._shutdown()
     assert [p.wait(10) for p in procs] == [0, 0]
+
+
+def test_workers_leave_ctrl_c_to_the_parent() -> None:
+    """Ctrl-C goes to the whole process group; the parent aborts the blob, the workers must not die
+    with a traceback of their own."""
+    payload = data(3, seed=6)
+    write(payload, processes=True)
+    procs = [w.proc for w in zworkers._shared._workers]
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGINT)
+    assert write(payload, processes=True) == write(payload, processes=False)
+    assert [w.proc for w in zworkers._shared._workers] == procs and zworkers._shared.alive

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import mmap
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -71,6 +72,9 @@ def _write_all(fd: int, data: bytes) -> None:
 def worker_main(memfd: int, size: int, requests: int, replies: int) -> None:
     from .zfile import compress_batch  # the worker imports the format code only once it runs
 
+    # Ctrl-C reaches the whole process group: the parent decides what happens (it aborts the blob and
+    # closes the pipes, which ends the workers); a worker dying on its own would only add a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     region = mmap.mmap(memfd, size)
     try:
         while True:
