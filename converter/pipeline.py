@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from typing import Any, BinaryIO
 from .cache import CachedLayer, LayerCache, RedisLayerCache, open_layer_cache
 from .errors import ConversionError, PermanentError, TransientError
 from .ext4 import ImageBuilder, LayerApplyError, LayerStats, derive_fs_ids
-from .ext4.tarstream import open_decompressed
+from .ext4.layerstream import LayerStream
 from .formats.common import FormatError
 from .formats.layer import BlobInfo, LayerBlobWriter, wrap_blob
 from .formats.stack import StackedReader
@@ -188,56 +187,6 @@ class _SourceStream(io.RawIOBase):
         if n:
             self._on_bytes(n)
         return n or 0
-
-
-class _HashingStream(io.RawIOBase):
-    """The decompressed tar as read by the builder, hashed on the way (the layer's diff_id).
-
-    The builder's thread is the critical path, so sha256 runs in a helper thread fed through a bounded queue
-    (a copy per chunk costs far less than hashing it; at most HASH_QUEUE chunks are in flight).
-    """
-
-    HASH_QUEUE = 8
-
-    def __init__(self, raw: BinaryIO) -> None:
-        super().__init__()
-        self._raw = raw
-        self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(self.HASH_QUEUE)
-        self._thread = threading.Thread(target=self._hash_loop, name="obd-diffid", daemon=True)
-        self._thread.start()
-        self._finished = False
-        self.count = 0
-
-    def _hash_loop(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._hash.update(chunk)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = self._raw.readinto(buffer)  # type: ignore[attr-defined]
-        if n:
-            self._queue.put(bytes(memoryview(buffer)[:n]))
-            self.count += n
-        return n or 0
-
-    def drain(self) -> None:
-        while self.readinto(bytearray(1 << 20)):
-            pass
-
-    def hexdigest(self) -> str:
-        """Wait for the hasher and return the digest of everything read."""
-        self.close()
-        return self._hash.hexdigest()
-
-    def close(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._queue.put(None)
-            self._thread.join()
-        super().close()
 
 
 class _Uploader:
@@ -577,13 +526,12 @@ class _Conversion:
             raise _naming_layer(exc, label) from exc
         source = _SourceStream(raw, self.cancelled, lambda n: self.emit("layer_bytes", platform=platform,
                                                                       index=layer.index, bytes=n))
-        decompressed: BinaryIO | None = None
-        tar: _HashingStream | None = None
+        tar: LayerStream | None = None
         try:
             with LayerBlobWriter(path, virtual_size=builder.vsize, uuid=layer.uuid, parent_uuid=parent,
                                  algorithm=self.opts.algorithm, block_size=self.opts.block_size) as writer:
-                decompressed = open_decompressed(source)  # type: ignore[arg-type]
-                tar = _HashingStream(decompressed)
+                # decompressed and hashed (the diff_id) on a helper thread, ahead of the builder
+                tar = LayerStream(source, hash_content=True)  # type: ignore[arg-type]
                 stats = self._apply(builder, tar, writer, label, source)
                 if source.error is not None:
                     raise source.error
@@ -593,9 +541,6 @@ class _Conversion:
         finally:
             if tar is not None:
                 tar.close()
-            if decompressed is not None:
-                with contextlib.suppress(Exception):
-                    decompressed.close()
             raw.close()
         seconds = time.monotonic() - started
         self.emit("layer_done", platform=platform, index=layer.index, count=count, digest=info.digest,
@@ -606,7 +551,7 @@ class _Conversion:
         return info, LayerResult(offset + layer.index, info.digest, info.size, layer.uuid, "converted", layer.digest,
                                  layer.diff_id, layer.chain_id, round(seconds, 3), tar.count, stats.files)
 
-    def _apply(self, builder: ImageBuilder, tar: BinaryIO, writer: LayerBlobWriter, label: str,
+    def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: LayerBlobWriter, label: str,
                source: _SourceStream) -> LayerStats:
         try:
             return builder.apply_layer(tar, writer, label=label)
@@ -619,7 +564,7 @@ class _Conversion:
                 raise TransientError(f"layer {label}: reading the source failed: {source.error}") from exc
             raise LayerConversionError(str(exc), layer=label, entry=exc.entry) from exc
 
-    def _finish_source(self, tar: _HashingStream, source: _SourceStream, layer: SourceLayer) -> None:
+    def _finish_source(self, tar: LayerStream, source: _SourceStream, layer: SourceLayer) -> None:
         """Read both streams to their end (which verifies the blob digest) and check the diff_id."""
         try:
             tar.drain()

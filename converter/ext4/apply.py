@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .fs import BlockSink, Ext4Error, Filesystem, Inode
+from .layerstream import LayerStream
 from .layout import (
     BLOCK_SIZE,
     EXT4_NAME_LEN,
@@ -39,7 +40,6 @@ from .tarstream import (
     TarEntry,
     TarFormatError,
     TarReader,
-    open_decompressed,
 )
 from .xattr import XattrError, split_name
 
@@ -49,6 +49,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 MAX_SYMLINK_FOLLOWS = 255
 MAX_SYMLINK_TARGET = BLOCK_SIZE - 1
+ZERO_BLOCK = bytes(BLOCK_SIZE)
 DATA_CHUNK = 1 << 20  # file data is read and written in 1 MiB pieces (a multiple of the block size)
 
 
@@ -93,36 +94,35 @@ def clean_path(name: bytes) -> list[bytes]:
 class _CoalescingSink:
     """Joins writes of small files to consecutive blocks (they are allocated one after the other) into
     fewer, larger writes, to save the per-call cost downstream; anything of SMALL bytes or more passes
-    straight through without a copy."""
+    straight through. Small pieces are kept as they are (views of the tar reader's immutable chunks, or
+    bytes) and joined once, at flush: a caller must not change a buffer after writing it."""
 
     LIMIT = 1 << 20
     SMALL = 64 << 10
 
     def __init__(self, sink: BlockSink) -> None:
         self._sink = sink
-        self._buf = bytearray()
+        self._pieces: list[bytes | memoryview] = []
         self._start = 0
+        self._end = 0
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if (
-            self._buf
-            and len(data) < self.SMALL
-            and offset == self._start + len(self._buf)
-            and len(self._buf) + len(data) <= self.LIMIT
-        ):
-            self._buf += data
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self._pieces and n < self.SMALL and offset == self._end and self._end - self._start + n <= self.LIMIT:
+            self._pieces.append(data)
+            self._end += n
             return
         self.flush()
-        if len(data) >= self.SMALL:
+        if n >= self.SMALL:
             self._sink.write(offset, data)
         else:
-            self._start = offset
-            self._buf += data
+            self._pieces.append(data)
+            self._start, self._end = offset, offset + n
 
     def flush(self) -> None:
-        if self._buf:
-            self._sink.write(self._start, bytes(self._buf))
-            self._buf.clear()
+        if self._pieces:
+            pieces, self._pieces = self._pieces, []
+            self._sink.write(self._start, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 class LayerApplier:
@@ -138,12 +138,18 @@ class LayerApplier:
         # Parent paths already resolved in this layer; valid until something is removed.
         self._dir_cache: dict[tuple[bytes, ...], int] = {}
 
-    def apply(self, stream: BinaryIO) -> LayerStats:
-        """Read the layer (gzip, zstd or plain tar), change the filesystem, write data and metadata."""
+    def apply(self, stream: BinaryIO | LayerStream) -> LayerStats:
+        """Read the layer (gzip, zstd or plain tar), change the filesystem, write data and metadata.
+
+        A LayerStream is read as it is (the caller may want its content hash); any other stream is wrapped
+        in one for the duration of the call."""
+        if not isinstance(stream, LayerStream):
+            with LayerStream(stream) as own:
+                return self.apply(own)
         self.fs.reset_cursors()
         reader: TarReader | None = None
         try:
-            reader = TarReader(open_decompressed(stream))
+            reader = TarReader(stream)
             for entry in reader:
                 self.stats.entries += 1
                 self._apply_entry(reader, entry)
@@ -290,8 +296,8 @@ class LayerApplier:
                 else:
                     # Only the file's last block needs zero padding: copy just that block.
                     if full:
-                        self.sink.write(offset, memoryview(data)[:full])
-                    self.sink.write(offset + full, data[full:] + bytes(BLOCK_SIZE - (n - full)))
+                        self.sink.write(offset, data[:full])
+                    self.sink.write(offset + full, b"".join((data[full:], ZERO_BLOCK[: BLOCK_SIZE - (n - full)])))
                 written = full if full == n else full + BLOCK_SIZE
                 offset += written
                 room -= written

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from .apply import LayerApplier, LayerApplyError, LayerStats
 from .fs import BlockSink, Filesystem
+from .layerstream import LayerStream
 from .load import Disk, load_filesystem
 
 DEFAULT_VSIZE = 64 << 30
@@ -51,7 +52,7 @@ class ImageBuilder:
         builder.fs = fs
         return builder
 
-    def apply_layer(self, stream: BinaryIO, sink: BlockSink, label: str | None = None) -> LayerStats:
+    def apply_layer(self, stream: BinaryIO | LayerStream, sink: BlockSink, label: str | None = None) -> LayerStats:
         if self._failed is not None:
             raise RuntimeError(f"the filesystem is unusable after a failed layer: {self._failed}")
         label = label or str(self.layers_applied + 1)

@@ -1,4 +1,4 @@
-"""A strict, streaming reader of OCI layer tars (ustar, PAX, GNU), decompressing gzip or zstd on the fly.
+"""A strict, streaming reader of OCI layer tars (ustar, PAX, GNU), over a LayerStream's uncompressed chunks.
 
 Why not `tarfile`: in stream mode it takes a corrupt or truncated header anywhere after the first
 entry for the end of the archive, so a damaged layer would convert "successfully" with files
@@ -12,17 +12,17 @@ and 1.0; octal and base-256 numbers; PAX path/linkpath/size/uid/gid/mtime/SCHILY
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import BinaryIO
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .layerstream import LayerStream
 
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 CHUNK = 1 << 20
-
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 REGULAR_TYPES = (b"0", b"\0", b"7")
 HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
@@ -64,23 +64,6 @@ class TarEntry:
     @property
     def display_name(self) -> str:
         return self.name.decode("utf-8", "backslashreplace")
-
-
-def open_decompressed(raw: BinaryIO) -> BinaryIO:
-    """Wrap a layer blob stream: gzip and zstd are detected by their magic bytes, else plain tar."""
-    buffered: BinaryIO = raw if hasattr(raw, "peek") else io.BufferedReader(raw, CHUNK)  # type: ignore[arg-type]
-    magic = buffered.peek(4)[:4]  # type: ignore[attr-defined]
-    if magic.startswith(GZIP_MAGIC):
-        from isal import igzip_threaded
-
-        # Decompression runs in its own thread (ISA-L releases the GIL), overlapping with our parsing.
-        return igzip_threaded.open(buffered, "rb", threads=1)  # type: ignore[return-value]
-    if magic == ZSTD_MAGIC:
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=CHUNK)
-        return io.BufferedReader(reader, CHUNK)  # type: ignore[arg-type]
-    return buffered
 
 
 def _number(field_bytes: bytes, what: str, offset: int) -> int:
@@ -155,38 +138,74 @@ def _parse_pax_time(value: bytes, offset: int) -> tuple[int, int]:
 
 
 class TarReader:
-    """Iterate entries; read each entry's data with `read_data` (or it is skipped) before the next."""
+    """Iterate entries; read each entry's data with `read_exact`/`read_data` (or it is skipped) before the next.
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._pos = 0
+    Data comes from a LayerStream's chunks. Entry data is returned as views of those immutable chunks
+    (bytes only where a piece spans two chunks), so file content is not copied here at all.
+    """
+
+    def __init__(self, source: LayerStream) -> None:
+        self._source = source
+        self._chunk = memoryview(b"")
+        self._at = 0  # position in the current chunk
+        self._pos = 0  # position in the tar stream
         self._pending = 0  # data bytes (plus padding) of the current entry not consumed yet
         self._data_left = 0  # data bytes (without padding) of the current entry not consumed yet
         self._global: dict[str, bytes] = {}
         self.current: TarEntry | None = None
 
-    def _read(self, n: int) -> bytes:
-        data = self._stream.read(n)
-        if len(data) != n:
-            got = len(data)
-            while got < n:  # streams may return short reads before the end
-                more = self._stream.read(n - got)
-                if not more:
-                    where = f" in entry {self.current.display_name!r}" if self.current else ""
-                    raise TarFormatError(f"unexpected end of tar stream at offset {self._pos + got}{where}")
-                data += more
-                got += len(more)
+    def _next_chunk(self) -> bool:
+        chunk = self._source.next_chunk()
+        self._chunk, self._at = memoryview(chunk), 0
+        return bool(chunk)
+
+    def _read(self, n: int) -> memoryview | bytes:
+        """The next n bytes of the tar: a view of the current chunk when they lie in it."""
+        at = self._at
+        if at + n <= len(self._chunk):
+            self._at = at + n
+            self._pos += n
+            return self._chunk[at:at + n]
+        parts = [self._chunk[at:]]
+        got = len(parts[0])
+        while got < n:
+            if not self._next_chunk():
+                where = f" in entry {self.current.display_name!r}" if self.current else ""
+                raise TarFormatError(f"unexpected end of tar stream at offset {self._pos + got}{where}")
+            take = min(n - got, len(self._chunk))
+            parts.append(self._chunk[:take])
+            self._at = take
+            got += take
         self._pos += n
-        return data
+        return b"".join(parts)
+
+    def _read_bytes(self, n: int) -> bytes:
+        data = self._read(n)
+        return data if isinstance(data, bytes) else data.tobytes()
 
     def _skip(self, n: int) -> None:
         while n:
-            step = min(n, CHUNK)
-            self._read(step)
+            step = min(n, len(self._chunk) - self._at)
+            if not step:
+                if not self._next_chunk():
+                    where = f" in entry {self.current.display_name!r}" if self.current else ""
+                    raise TarFormatError(f"unexpected end of tar stream at offset {self._pos}{where}")
+                continue
+            self._at += step
+            self._pos += step
             n -= step
 
-    def read_data(self, max_chunk: int = CHUNK) -> Iterator[bytes]:
-        """The stored data of the current entry, in chunks of at most max_chunk bytes."""
+    def _header(self, offset: int) -> bytes | None:
+        """The next 512-byte header block; None at a clean end of the stream."""
+        if self._at == len(self._chunk) and not self._next_chunk():
+            return None
+        try:
+            return self._read_bytes(BLOCK)
+        except TarFormatError:
+            raise TarFormatError(f"truncated tar header at offset {offset}") from None
+
+    def read_data(self, max_chunk: int = CHUNK) -> Iterator[memoryview | bytes]:
+        """The stored data of the current entry, in pieces of at most max_chunk bytes."""
         assert self.current is not None
         remaining = self._data_left
         padding = self._pending - remaining
@@ -200,14 +219,9 @@ class TarReader:
         self._skip(padding)
         self._pending = 0
 
-    def read_exact(self, n: int) -> bytes:
+    def read_exact(self, n: int) -> memoryview | bytes:
         """Exactly n more bytes of the current entry's data (padding skipped after the last byte)."""
         assert self.current is not None
-        if n == self._data_left and self._pending - n < BLOCK:
-            # The entry's last piece: read its block padding in the same call.
-            data = self._read(self._pending)
-            self._pending = self._data_left = 0
-            return data[:n] if len(data) != n else data
         data = self._read(n)
         self._pending -= n
         self._data_left -= n
@@ -231,13 +245,10 @@ class TarReader:
         long_link: bytes | None = None
         while True:
             offset = self._pos
-            header = self._stream.read(BLOCK)
-            if not header:
+            header = self._header(offset)
+            if header is None:
                 raise TarFormatError(f"tar stream ends at offset {offset} without an end-of-archive marker")
-            if len(header) < BLOCK:
-                header += self._read_rest(BLOCK - len(header), offset)
-            self._pos += BLOCK
-            if header == bytes(BLOCK):
+            if header == ZERO_BLOCK:
                 # End of archive: a second zero block normally follows; tolerate its absence.
                 self.current = None
                 raise StopIteration
@@ -247,7 +258,7 @@ class TarReader:
             if "size" in pax and typeflag not in (b"x", b"g"):
                 size = int(pax["size"])
             if typeflag in (b"x", b"g", b"L", b"K"):
-                data = self._read(size)
+                data = self._read_bytes(size)
                 self._skip(-size % BLOCK)
                 if typeflag == b"x":
                     pax.update(_parse_pax(data, offset))
@@ -267,12 +278,6 @@ class TarReader:
             elif entry.sparse is None and pax.get("GNU.sparse.major") == b"1":
                 self._read_sparse_1_0_map(entry)
             return entry
-
-    def _read_rest(self, n: int, offset: int) -> bytes:
-        data = self._stream.read(n)
-        if len(data) != n:
-            raise TarFormatError(f"truncated tar header at offset {offset}")
-        return data
 
     @staticmethod
     def _check_checksum(header: bytes, offset: int) -> None:
@@ -364,7 +369,7 @@ class TarReader:
         take(header[386:482], 4)
         extended = header[482]
         while extended:
-            ext = self._read(BLOCK)
+            ext = self._read_bytes(BLOCK)
             take(ext[:504], 21)
             extended = ext[504]
         entry.sparse = segments
@@ -378,7 +383,7 @@ class TarReader:
         def next_number() -> int:
             nonlocal buf, consumed
             while b"\n" not in buf:
-                block = self._read(BLOCK)
+                block = self._read_bytes(BLOCK)
                 consumed += BLOCK
                 buf += block
             line, _, buf = buf.partition(b"\n")
@@ -391,8 +396,3 @@ class TarReader:
         self._data_left -= consumed
         if not entry.realsize:
             entry.realsize = max((o + n for o, n in entry.sparse), default=0)
-
-
-def iter_entries(stream: BinaryIO) -> tuple[TarReader, Iterator[TarEntry]]:
-    reader = TarReader(open_decompressed(stream))
-    return reader, iter(reader)

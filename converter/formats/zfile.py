@@ -249,7 +249,8 @@ class ZFileWriter:
         self._inflight: queue.Queue[Future[tuple[list[bytes], array]] | None] = queue.Queue(maxsize=2 * workers)
         self._writer_error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="zfile-writer", daemon=True)
-        self._pending = bytearray()
+        self._pending: list[memoryview] = []  # input not handed to the compressors yet, < one batch
+        self._pending_bytes = 0
         self._table = array("I")
         self._in_bytes = 0
         self._payload_bytes = 0
@@ -259,37 +260,36 @@ class ZFileWriter:
         self._writer.start()
 
     def write(self, data: BytesLike) -> None:
-        """Append bytes. They are copied or compressed before this returns, so the caller may reuse its
-        buffer; immutable `bytes` input is handed to the workers without a copy."""
+        """Append bytes. Immutable `bytes` (or views of them) are kept by reference until their batch is
+        handed to the compressors; anything else is copied first, so the caller may reuse its buffer."""
         mv = memoryview(data).cast("B")
-        if self._pending:
-            if len(self._pending) + len(mv) < self._batch:
-                self._pending += mv
+        if not isinstance(mv.obj, bytes):
+            mv = memoryview(mv.tobytes())
+        while len(mv):
+            room = self._batch - self._pending_bytes
+            if len(mv) < room:
+                self._pending.append(mv)
+                self._pending_bytes += len(mv)
                 return
-            take = -len(self._pending) % self.block_size  # complete the pending block, then flush it
-            self._pending += mv[:take]
-            mv = mv[take:]
-            chunk, self._pending = self._pending, bytearray()
-            self._submit(chunk)
-        immutable = isinstance(mv.obj, bytes)
-        while len(mv) >= self._batch:
-            self._submit(mv[:self._batch] if immutable else bytes(mv[:self._batch]))
-            mv = mv[self._batch:]
-        if len(mv):
-            self._pending += mv
+            self._pending.append(mv[:room])
+            mv = mv[room:]
+            self._submit_pending()
 
-    def _submit(self, chunk: BytesLike) -> None:
+    def _submit_pending(self) -> None:
+        pieces, self._pending, self._pending_bytes = self._pending, [], 0
         if self._writer_error is not None:
             raise self._writer_error
         if self._process_after is not None and self._in_bytes >= self._process_after:
             self._process_after = None  # one try per writer
             self._start_processes()
-        self._in_bytes += len(chunk)
+        size = sum(len(p) for p in pieces)
+        self._in_bytes += size
         if self._procs is not None:
             if self._procs.full:
                 self._emit_view(*self._procs.collect())
-            self._procs.submit(chunk, self.block_size, self.algo, self.verify)
+            self._procs.submit(pieces, self.block_size, self.algo, self.verify)
             return
+        chunk = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._inflight.put(self._pool.submit(compress_batch, chunk, self.block_size, self.algo, self.verify))
 
     def _start_processes(self) -> None:
@@ -337,8 +337,7 @@ class ZFileWriter:
 
     def close(self) -> ZFileStats:
         if self._pending:
-            chunk, self._pending = self._pending, bytearray()
-            self._submit(chunk)
+            self._submit_pending()
         if self._procs is not None:
             while self._procs.pending:
                 self._emit_view(*self._procs.collect())

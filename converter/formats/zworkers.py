@@ -182,15 +182,21 @@ class CompressWorkers:
     def pending(self) -> int:
         return len(self._order)
 
-    def submit(self, chunk: memoryview | bytes | bytearray, block_size: int, algo: int, verify: bool) -> None:
-        """Start compressing `chunk` (at most BATCH_BYTES). The caller must collect() first when no slot
-        is free (`full`)."""
+    def submit(self, pieces: list[memoryview], block_size: int, algo: int, verify: bool) -> None:
+        """Start compressing the concatenation of `pieces` (at most BATCH_BYTES in all): they are copied
+        into a free slot, the only copy of the data on its way to the workers. The caller must collect()
+        first when no slot is free (`full`)."""
         slot = self._free.pop()
-        base = slot * SLOT_BYTES
-        self.view[base:base + len(chunk)] = chunk
+        base = pos = slot * SLOT_BYTES
+        view = self.view
+        for piece in pieces:
+            end = pos + len(piece)
+            view[pos:end] = piece
+            pos = end
+        length = pos - base
         worker = min(self._workers, key=lambda w: w.outstanding)  # the least busy: batches differ in cost
         try:
-            _write_all(worker.requests, _REQUEST.pack(base, len(chunk), base + BATCH_BYTES, block_size, algo,
+            _write_all(worker.requests, _REQUEST.pack(base, length, base + BATCH_BYTES, block_size, algo,
                                                       int(verify)))
         except BrokenPipeError:
             raise worker.died() from None
