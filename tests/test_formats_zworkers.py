@@ -130,3 +130,27 @@ def test_workers_leave_ctrl_c_to_the_parent() -> None:
         os.kill(proc.pid, signal.SIGINT)
     assert write(payload, processes=True) == write(payload, processes=False)
     assert [w.proc for w in zworkers._shared._workers] == procs and zworkers._shared.alive
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_immutable_input_is_kept_by_reference_mutable_input_is_copied(processes: bool, tmp_path: Path) -> None:
+    """bytes (and views of bytes) wait in the pending batch uncopied; a bytearray the caller reuses must
+    not change what was written before."""
+    payload = data(3)
+    out = io.BytesIO()
+    writer = ZFileWriter(out, workers=2, processes=processes)
+    buffer = bytearray(100_000)
+    for i in range(0, len(payload), 100_000):
+        piece = payload[i:i + 100_000]
+        if (i // 100_000) % 2:
+            writer.write(memoryview(piece)[: len(piece)])  # a view of immutable bytes
+        else:
+            buffer[: len(piece)] = piece
+            writer.write(memoryview(buffer)[: len(piece)])
+            buffer[:] = bytes(len(buffer))  # the caller reuses its buffer at once
+    if writer._pending:
+        assert any(isinstance(p.obj, bytes) for p in writer._pending)
+    writer.close()
+    (tmp_path / "z").write_bytes(out.getvalue())
+    reader = ZFileReader(FileView(tmp_path / "z"))
+    assert reader.pread(0, len(payload)) == payload

@@ -43,7 +43,7 @@ def _chunk_reader(raw: BinaryIO, chunk_bytes: int) -> tuple[str, Callable[[], by
 
         # The reader class behind isal's own threaded gzip reader: it takes the size of its compressed
         # input reads, which public IGzipFile fixes at 128 KiB (one GIL hand-off each).
-        gz = igzip._IGzipReader(buffered, buffersize=chunk_bytes)
+        gz = igzip._IGzipReader(buffered, buffersize=max(chunk_bytes, 1 << 20))  # it must hold a gzip header
         return "gzip", lambda: gz.read(chunk_bytes)
     if magic == ZSTD_MAGIC:
         import zstandard
