@@ -10,10 +10,12 @@ import threading
 
 import pytest
 import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
 
 from converter.ext4 import ImageBuilder, LayerApplyError
 from converter.ext4.layerstream import LayerStream
-from converter.ext4.tarstream import TarFormatError, TarReader
+from converter.ext4.tarstream import TarFormatError, TarReader, _byte_sum
 from converter.formats.layer import LayerBlobWriter
 
 
@@ -138,3 +140,28 @@ def test_hexdigest_needs_the_whole_content() -> None:
     with LayerStream(io.BytesIO(b"")) as stream, pytest.raises(RuntimeError, match="without hash_content"):
         stream.drain()
         stream.hexdigest()
+
+
+@given(st.binary(min_size=0, max_size=256))
+def test_byte_sum_is_exact_for_any_piece_up_to_256_bytes(piece: bytes) -> None:
+    assert _byte_sum(piece) == sum(piece)
+    assert _byte_sum(b"\xff" * 256) == 255 * 256
+
+
+def test_headers_with_high_bytes_pass_the_checksum_both_ways() -> None:
+    """Names in UTF-8 have bytes > 127: the unsigned sum must match, and a header whose checksum was
+    written as a signed sum (old tars) is accepted too."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info = tarfile.TarInfo("é" * 40)
+        tf.addfile(info)
+    tar = bytearray(raw.getvalue())
+    signed = sum(b - 256 if b > 127 else b for b in tar[:148] + b" " * 8 + tar[156:512])
+    with LayerStream(io.BytesIO(bytes(tar))) as stream:
+        assert [e[0] for e in entries(stream)] == ["é".encode() * 40]
+    tar[148:156] = b"%06o\0 " % signed
+    with LayerStream(io.BytesIO(bytes(tar))) as stream:
+        assert [e[0] for e in entries(stream)] == ["é".encode() * 40]
+    tar[148:156] = b"%06o\0 " % (signed + 1)
+    with LayerStream(io.BytesIO(bytes(tar))) as stream, pytest.raises(TarFormatError, match="bad tar header checksum"):
+        entries(stream)
