@@ -654,6 +654,8 @@ class Filesystem:
 
     def _write_extent_tree(self, inode: Inode, sink: BlockSink) -> None:
         """Allocate (or reuse) and write the leaf and index blocks of a changed inode's extent tree."""
+        if len(inode.extents) <= EXTENTS_IN_INODE and not inode.tree_blocks:
+            return  # the common case: the extents fit in the inode and did not need a tree before
         leaves, depth, needed = self._extent_layout(inode.extents, inode.ino)
         if len(inode.tree_blocks) != needed:
             for run in _runs_of(inode.tree_blocks):
@@ -675,9 +677,9 @@ class Filesystem:
         kind = inode.kind
         if inode.uses_extents:
             extents = inode.extents
-            leaves, depth, _ = self._extent_layout(extents, inode.ino)
-            if depth == 0:
+            if len(extents) <= EXTENTS_IN_INODE:
                 return pack_extent_node([e.pack() for e in extents], EXTENTS_IN_INODE, 0, 60)
+            leaves, depth, _ = self._extent_layout(extents, inode.ino)
             blocks = inode.tree_blocks
             if depth == 1:
                 refs = [pack_extent_index(leaf[0].logical, blk) for leaf, blk in zip(leaves, blocks, strict=False)]
