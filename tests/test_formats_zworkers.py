@@ -154,3 +154,18 @@ def test_immutable_input_is_kept_by_reference_mutable_input_is_copied(processes:
     (tmp_path / "z").write_bytes(out.getvalue())
     reader = ZFileReader(FileView(tmp_path / "z"))
     assert reader.pread(0, len(payload)) == payload
+
+
+@pytest.mark.parametrize(("algorithm", "block_size", "verify"), [("lz4", 4096, True), ("zstd", 16384, True),
+                                                                  ("lz4", 65536, False)])
+def test_compress_batch_into_writes_what_compress_batch_returns(algorithm: str, block_size: int, verify: bool) -> None:
+    algo = zfile.ALGORITHMS[algorithm]
+    batch = data(1)[: MIB - 1000]  # a partial last block too
+    parts, lengths = zfile.compress_batch(batch, block_size, algo, verify)
+    region = bytearray(3 * MIB)
+    region[100:100 + len(batch)] = batch
+    got = zfile.compress_batch_into(region, 100, len(batch), MIB + 7, 3 * MIB, block_size, algo, verify)
+    assert list(got) == list(lengths)
+    assert bytes(region[MIB + 7:MIB + 7 + sum(lengths)]) == b"".join(parts)
+    with pytest.raises(FormatError, match="exceeds its output room of 1000 bytes"):
+        zfile.compress_batch_into(region, 100, len(batch), MIB + 7, MIB + 1007, block_size, algo, verify)

@@ -203,6 +203,32 @@ def compress_batch(chunk: BytesLike, block_size: int, algo: int, verify: bool) -
     return parts, lengths
 
 
+def compress_batch_into(region: BytesLike, in_off: int, n: int, out_off: int, limit: int, block_size: int,
+                        algo: int, verify: bool) -> array:
+    """compress_batch for the worker processes: compresses region[in_off:in_off + n] block by block and
+    writes the payloads (each followed by its CRC) into region from out_off on, never past `limit`;
+    returns the stored lengths. Same compressor calls, so the same bytes as compress_batch, without
+    building a list of parts that would then be copied into the region one by one."""
+    view = memoryview(region)
+    lengths = array("I")
+    crc = _crc32c.crc32c
+    put_u32 = _U32.pack_into
+    compress = _zstd_compressor().compress if algo == ALGO_ZSTD else _LZ4_BLOCK
+    pos = out_off
+    tail = CRC_SIZE if verify else 0
+    for i in range(in_off, in_off + n, block_size):
+        c = compress(view[i:min(i + block_size, in_off + n)])
+        end = pos + len(c)
+        if end + tail > limit:
+            raise FormatError(f"compressed batch exceeds its output room of {limit - out_off} bytes")
+        view[pos:end] = c
+        if verify:
+            put_u32(view, end, crc(c, _BLOCK_SEED_IN) ^ _MASK)
+        pos = end + tail
+        lengths.append(len(c) + tail)
+    return lengths
+
+
 # LZ4_compress_default output: a raw block, no frame, no size prefix (§2.5); partial keeps the call in C
 _LZ4_BLOCK = functools.partial(lz4.block.compress, store_size=False)
 

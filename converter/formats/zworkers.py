@@ -10,12 +10,12 @@ process has a GIL of its own.
 How: one shared-memory region (a memfd mapped by the parent and every worker) cut into slots; a slot
 holds one input batch and room for its compressed output. The parent copies a batch into a free slot
 and sends the worker a small request over a pipe; the worker compresses it block by block with
-`compress_batch` (the very function the thread path uses, so both produce the same bytes), leaves the
-payloads in the slot and answers with the stored lengths. There are no helper threads in the parent:
-the writer collects answers in submission order when it needs a slot or finishes. Workers are plain
-`python -c` children running `worker_main`, started once per process and leased to one writer at a
-time; they exit when their request pipe closes, so a dying parent cannot leave them behind, and the
-memfd has no name that could leak.
+`compress_batch_into` (the thread path's `compress_batch`, writing straight into the slot: the same
+compressor calls, so both produce the same bytes) and answers with the stored lengths. There are no
+helper threads in the parent: the writer collects answers in submission order when it needs a slot or
+finishes. Workers are plain `python -c` children running `worker_main`, started once per process and
+leased to one writer at a time; they exit when their request pipe closes, so a dying parent cannot
+leave them behind, and the memfd has no name that could leak.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def worker_main(memfd: int, size: int, requests: int, replies: int) -> None:
-    from .zfile import compress_batch  # the worker imports the format code only once it runs
+    from .zfile import compress_batch_into  # the worker imports the format code only once it runs
 
     # Ctrl-C reaches the whole process group: the parent decides what happens (it aborts the blob and
     # closes the pipes, which ends the workers); a worker dying on its own would only add a traceback.
@@ -84,15 +84,8 @@ def worker_main(memfd: int, size: int, requests: int, replies: int) -> None:
                 return  # the parent closed the pipe (finished, or died)
             in_off, n, out_off, block_size, algo, verify = _REQUEST.unpack(request)
             try:
-                parts, lengths = compress_batch(memoryview(region)[in_off:in_off + n], block_size, algo,
-                                                bool(verify))
-                total = sum(len(p) for p in parts)
-                if total > OUTPUT_BYTES:
-                    raise FormatError(f"compressed batch of {total} bytes exceeds the slot ({OUTPUT_BYTES})")
-                pos = out_off
-                for part in parts:
-                    region[pos:pos + len(part)] = part
-                    pos += len(part)
+                lengths = compress_batch_into(region, in_off, n, out_off, out_off + OUTPUT_BYTES, block_size, algo,
+                                              bool(verify))
                 payload, status = lengths.tobytes(), _OK
             except Exception as exc:  # reported to the writer, which raises it
                 payload, status = f"{type(exc).__name__}: {exc}".encode(), _ERROR
