@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _gauge import machine_gauge
 from _proctree import tree_cpu_seconds, tree_peak_rss_mb
 
 from converter.formats.layer import LayerBlobWriter
@@ -101,6 +102,7 @@ def main() -> None:
         "peak_rss_mb_total": round(peak_rss_mb(), 1),
         "peak_rss_mb_with_compression_workers": round(tree_peak_rss_mb(os.getpid()), 1),
         "loadavg_1min": os.getloadavg()[0],
+        **machine_gauge(),
     }
     print(json.dumps(result, indent=2))
 

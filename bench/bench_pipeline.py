@@ -165,6 +165,8 @@ def main() -> None:
         child(args)
         return
 
+    from _gauge import machine_gauge
+
     from converter.registry import RegistryClient
     from tests.harness.registry import start_registry
 
@@ -191,12 +193,14 @@ def main() -> None:
             registry.stop()
     report = {"variant": variant, "tar_bytes": tar_bytes, "layers": [info for _, info in layers],
               "machine": subprocess.run(["sh", "-c", "lscpu | grep 'Model name'; nproc; cat /proc/loadavg"],
-                                        capture_output=True, text=True).stdout.split("\n"), "runs": runs}
+                                        capture_output=True, text=True).stdout.split("\n"),
+              "gauge": machine_gauge(), "runs": runs}
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"image: {len(layers)} layers, {tar_bytes / 1e6:.0f} MB uncompressed, "
           f"{sum(i['size'] for _, i in layers) / 1e6:.0f} MB gzip; load {report['machine'][-2]}")
+    print("machine gauge (bench/_gauge.py): " + ", ".join(f"{k} {v}" for k, v in report["gauge"].items()))
     print(f"{'run':<12}{'wall s':>8}{'MB/s':>8}{'CPU s':>8}{'reg CPU s':>10}{'peak RSS MB':>12}{'temp MB':>9}"
           f"{'largest blob MB':>16}")
     for name, r in runs.items():
