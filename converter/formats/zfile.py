@@ -137,14 +137,17 @@ def is_zfile(raw: BytesLike) -> bool:
 
 def check_jump_lengths(lengths: array, first_block: int, block_size: int, verify: bool, where: str) -> None:
     """The reader's constraints on stored block lengths (§2.6.4/5); `lengths` starts at a group boundary."""
-    import numpy as np  # here, not at the top: compression worker processes import this module too
-
     floor = CRC_SIZE if verify else 0
     group = JUMP_GROUP_BYTES // block_size
-    table = np.frombuffer(lengths, dtype=np.uint32)
-    if len(table) and floor < int(table.min()) and int(table.max()) <= MAX_READ_BLOCK:
-        if group <= 1:
-            return
+    if not lengths:
+        return
+    longest = max(lengths)
+    if floor < min(lengths) and longest <= MAX_READ_BLOCK:
+        if group <= 1 or longest * (group - 1) < MAX_GROUP_DELTA:
+            return  # no group can reach the u16 limit: always so for LZ4/zstd output of 4 KiB blocks
+        import numpy as np  # here, not at the top: worker processes import this module, and most calls end above
+
+        table = np.frombuffer(lengths, dtype=np.uint32)
         # u16 deltas: the stored lengths of the first group-1 blocks of every group sum to < 65535
         padded = np.zeros(-(-len(table) // group) * group, dtype=np.uint64)
         padded[:len(table)] = table
