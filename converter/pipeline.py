@@ -14,6 +14,7 @@ tag never points at anything partial. See docs/pipeline.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -189,6 +190,70 @@ class _SourceStream(io.RawIOBase):
         return n or 0
 
 
+class _TempBudget:
+    """Keeps the temp dir within the largest blob converted so far, while the previous blob uploads.
+
+    Blob i uploads (its space given back behind the read position, transport.ReleasingReader) while blob
+    i+1 is written. When the upload is slower than the conversion, the two together outgrow one blob; then
+    the builder waits (it checks every CHECK_BYTES of layer data) until the upload has given back enough.
+    MARGIN covers compressed output still in flight in the ZFile writer, not yet in the file."""
+
+    CHECK_BYTES = 8 << 20
+    MARGIN = 8 << 20
+
+    def __init__(self, cancelled: Callable[[], bool]) -> None:
+        self._cond = threading.Condition()
+        self._cancelled = cancelled
+        self._largest = 0  # the largest blob finished so far
+        self._uploading = 0  # bytes of the blob being uploaded that are still on disk
+        self.waited = 0.0  # seconds the builder spent waiting
+
+    def upload_started(self, size: int) -> None:
+        with self._cond:
+            self._largest = max(self._largest, size)
+            self._uploading = size
+
+    def released(self, size: int, released: int) -> None:
+        with self._cond:
+            self._uploading = max(0, size - released)
+            self._cond.notify_all()
+
+    def upload_finished(self) -> None:
+        with self._cond:
+            self._uploading = 0
+            self._cond.notify_all()
+
+    def wait_for_room(self, written: int) -> None:
+        """Return once a blob of `written` bytes (so far) fits next to what is left of the upload."""
+        with self._cond:
+            if not self._over(written):
+                return
+            started = time.monotonic()
+            while self._over(written) and not self._cancelled():
+                self._cond.wait(0.2)
+            self.waited += time.monotonic() - started
+
+    def _over(self, written: int) -> bool:
+        mine = written + self.MARGIN
+        return self._uploading > 0 and mine + self._uploading > max(self._largest, mine)
+
+
+class _BudgetedSink:
+    """The layer blob writer, as the builder's sink, pausing when the temp dir would outgrow the budget."""
+
+    def __init__(self, writer: LayerBlobWriter, budget: _TempBudget) -> None:
+        self._writer = writer
+        self._budget = budget
+        self._until_check = budget.CHECK_BYTES
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._writer.write(offset, data)
+        self._until_check -= len(data)
+        if self._until_check <= 0:
+            self._until_check = self._budget.CHECK_BYTES
+            self._budget.wait_for_room(self._writer.disk_bytes)
+
+
 class _Uploader:
     """Uploads one blob in the background while the next layer converts; at most one upload in flight,
     so at most two converted blobs sit in the temp dir at any time."""
@@ -231,7 +296,8 @@ class _DirStore(Store):
         p = self.path / digest.split(":", 1)[1]
         return p.stat().st_size if p.exists() else None
 
-    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False,
+                      on_release: Callable[[int], None] | None = None) -> None:
         os.replace(path, self.path / digest.split(":", 1)[1])
 
     def put_blob_bytes(self, data: bytes) -> str:
@@ -439,13 +505,17 @@ class _Conversion:
             tag = hashlib.sha256(digest.encode()).hexdigest()[:12]
             builder = self._builder(image, list(converted), tag)
             uploader = _Uploader()
+            # Converted blobs are deleted as they upload: keep the temp dir within the largest of them.
+            budget = _TempBudget(self.cancelled) if self.opts.upload and not self.opts.reserve else None
             try:
                 for layer in image.layers[len(reused):]:
                     self.check_cancel()
-                    info, result = self._convert_layer(builder, image, layer, platform, tag, offset)
+                    info, result = self._convert_layer(builder, image, layer, platform, tag, offset, budget)
                     results.append(result)
                     converted.append(ConvertedLayer(info.digest, info.size))
-                    uploader.submit(lambda info=info, layer=layer: self._upload_layer(info, layer))
+                    if budget is not None:
+                        budget.upload_started(info.size)
+                    uploader.submit(lambda info=info, layer=layer: self._upload_layer(info, layer, budget))
                 uploader.wait()
             except BaseException:
                 with contextlib.suppress(BaseException):
@@ -512,7 +582,7 @@ class _Conversion:
                     os.unlink(path)
 
     def _convert_layer(self, builder: ImageBuilder, image: SourceImage, layer: SourceLayer, platform: str, tag: str,
-                       offset: int) -> tuple[BlobInfo, LayerResult]:
+                       offset: int, budget: _TempBudget | None = None) -> tuple[BlobInfo, LayerResult]:
         started = time.monotonic()
         label = layer.label
         count = len(image.layers)
@@ -532,7 +602,8 @@ class _Conversion:
                                  algorithm=self.opts.algorithm, block_size=self.opts.block_size) as writer:
                 # decompressed and hashed (the diff_id) on a helper thread, ahead of the builder
                 tar = LayerStream(source, hash_content=True)  # type: ignore[arg-type]
-                stats = self._apply(builder, tar, writer, label, source)
+                sink = writer if budget is None else _BudgetedSink(writer, budget)
+                stats = self._apply(builder, tar, sink, label, source)
                 if source.error is not None:
                     raise source.error
                 self._finish_source(tar, source, layer)
@@ -551,7 +622,7 @@ class _Conversion:
         return info, LayerResult(offset + layer.index, info.digest, info.size, layer.uuid, "converted", layer.digest,
                                  layer.diff_id, layer.chain_id, round(seconds, 3), tar.count, stats.files)
 
-    def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: LayerBlobWriter, label: str,
+    def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: LayerBlobWriter | _BudgetedSink, label: str,
                source: _SourceStream) -> LayerStats:
         try:
             return builder.apply_layer(tar, writer, label=label)
@@ -583,12 +654,12 @@ class _Conversion:
                                        f"config's rootfs.diff_ids[{layer.index}] says {layer.diff_id}",
                                        layer=layer.label)
 
-    def _put_blob(self, info: BlobInfo, *, delete: bool) -> None:
+    def _put_blob(self, info: BlobInfo, *, delete: bool, on_release: Callable[[int], None] | None = None) -> None:
         existed = self.dst.blob_size(info.digest) == info.size
         try:
             if not existed:
                 consume = delete and not self.opts.reserve
-                self.dst.put_blob_file(info.path, info.digest, info.size, consume=consume)
+                self.dst.put_blob_file(info.path, info.digest, info.size, consume=consume, on_release=on_release)
         finally:
             if delete and not self.opts.reserve:
                 with contextlib.suppress(FileNotFoundError):
@@ -598,11 +669,16 @@ class _Conversion:
                 self.blobs_uploaded += 1
                 self.bytes_written += info.size
 
-    def _upload_layer(self, info: BlobInfo, layer: SourceLayer) -> None:
-        if self.cancelled():
-            return
-        started = time.monotonic()
-        self._put_blob(info, delete=self.opts.upload)
+    def _upload_layer(self, info: BlobInfo, layer: SourceLayer, budget: _TempBudget | None = None) -> None:
+        try:
+            if self.cancelled():
+                return
+            started = time.monotonic()
+            on_release = None if budget is None else functools.partial(budget.released, info.size)
+            self._put_blob(info, delete=self.opts.upload, on_release=on_release)
+        finally:
+            if budget is not None:
+                budget.upload_finished()  # the blob is gone (or the upload failed: its error comes from wait())
         if self.cache is not None:
             self.cache.put(self.dst.cache_registry, layer.chain_id, self.bytes_key,
                            CachedLayer(info.digest, info.size, self.dst.repository))

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -154,13 +154,14 @@ class ReleasingReader(io.RawIOBase):
     keeps the temp dir near one blob instead of two. Not seekable, so a registry that loses the upload session
     gives a transient error (retry the conversion) instead of a re-read of released bytes."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, on_release: Callable[[int], None] | None = None) -> None:
         super().__init__()
         self._raw = raw
         self._fd = raw.fileno()
         self._released = 0
         self._position = 0
         self._punch = _fallocate
+        self._on_release = on_release  # told the number of bytes given back so far
 
     def readable(self) -> bool:
         return True
@@ -178,6 +179,8 @@ class ReleasingReader(io.RawIOBase):
                 self._punch = None  # the filesystem cannot punch holes: keep the file whole
             else:
                 self._released = release_to
+                if self._on_release is not None:
+                    self._on_release(release_to)
         return n or 0
 
 
@@ -215,9 +218,10 @@ class Store:
     def mount_blob(self, digest: str, from_repository: str) -> bool:
         return False
 
-    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False,
+                      on_release: Callable[[int], None] | None = None) -> None:
         """Store the file's bytes as blob `digest`; with `consume` the caller deletes the file afterwards,
-        so its space may be released while it is read."""
+        so its space may be released while it is read (`on_release(bytes given back so far)` follows it)."""
         raise NotImplementedError
 
     def put_blob_bytes(self, data: bytes) -> str:
@@ -271,9 +275,10 @@ class RegistryStore(Store):
             return False
         return self.client.mount_blob(self.repository, digest, from_repository)
 
-    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False,
+                      on_release: Callable[[int], None] | None = None) -> None:
         with open(path, "r+b" if consume else "rb", buffering=0) as f:  # hole punching needs a writable fd
-            source: BinaryIO = ReleasingReader(f) if consume else f  # type: ignore[assignment]
+            source: BinaryIO = ReleasingReader(f, on_release) if consume else f  # type: ignore[assignment]
             # The digest comes from the layer writer's own pass over this file; the registry checks it again.
             self.client.upload_blob(self.repository, source, digest=digest, size=size, trust_digest=True)
 
@@ -375,7 +380,8 @@ class LayoutStore(Store):
         except FileNotFoundError:
             return None
 
-    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False) -> None:
+    def put_blob_file(self, path: str, digest: str, size: int, *, consume: bool = False,
+                      on_release: Callable[[int], None] | None = None) -> None:
         dest = self._blob_path(digest)
         if dest.exists():
             return

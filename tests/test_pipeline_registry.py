@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from converter import transport
 from converter.cli import main
 from converter.formats.stack import StackedReader, open_layer
 from converter.image import (
@@ -275,3 +280,46 @@ def test_library_entry_point_with_webhook_style_options(registry, oci_image_buil
     again = convert(f"{registry.host}/hook@{digest}", f"{registry.host}/hook:v1_obd",
                     {**options, "cache_dir": str(tmp_path / "cache")})
     assert again.up_to_date and again.target_digest == result.target_digest
+
+
+def test_temp_dir_stays_within_the_largest_blob_when_uploads_are_slow(registry, oci_image_builder, push_image,
+                                                                       tmp_path, monkeypatch) -> None:
+    """Blob 1 uploads at 8 MiB/s while the larger blob 2 converts in a fraction of that time: the builder
+    must wait, so that the two never take more space than the largest blob (issue: temp disk bound)."""
+    rnd = random.Random(5)
+    image = oci.Image([oci.Layer([L.file("a.bin", rnd.randbytes(12 << 20))], compression="none"),
+                       oci.Layer([L.file("b.bin", rnd.randbytes(20 << 20))], compression="none")])
+    push_image(oci_image_builder(image), registry, "slow:v1")
+    real_readinto = transport.ReleasingReader.readinto
+
+    def slow_readinto(self: transport.ReleasingReader, buffer: memoryview) -> int:
+        n = real_readinto(self, buffer)
+        time.sleep(n / (8 << 20))
+        return n
+
+    monkeypatch.setattr(transport.ReleasingReader, "readinto", slow_readinto)
+    work = tmp_path / "work"
+    work.mkdir()
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total = 0
+            for path in work.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    total += path.stat().st_blocks * 512 if path.is_file() else 0
+            peak[0] = max(peak[0], total)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        options = {"vsize": VSIZE_GIB, "work_dir": str(work), "cache_dir": str(tmp_path / "cache"),
+                   "registry": {"endpoint": f"http://{registry.host}", "insecure": True}}
+        result = convert(f"{registry.host}/slow:v1", f"{registry.host}/slow:v1_obd", options)
+    finally:
+        stop.set()
+        sampler.join()
+    sizes = [layer.size for m in result.manifests for layer in m.layers]
+    assert result.blobs_uploaded == 2 and sizes[1] > sizes[0] > 12 << 20
+    assert sizes[1] * 0.9 < peak[0] <= sizes[1] + (64 << 10), (peak[0], sizes)

@@ -15,8 +15,9 @@ between calls, and while the builder runs Python each hand-off waits up to the i
 interval (5 ms). With 1 MiB reads the helper spent more time waiting than inflating; CHUNK_BYTES reads
 make the waits rare. Measured against a thread that never releases the GIL: 1 MiB reads took 5x as
 long as alone, 8 MiB reads 1.6x, 16 MiB 1.15x; on the /usr layer 8 and 16 MiB convert equally fast,
-and 8 MiB keeps ~60 MB less memory in flight. The sha256 of the content (the layer's diff_id) is computed on the helper thread as
-well: hashlib releases the GIL for large buffers, so it costs the builder nothing.
+and 8 MiB keeps ~60 MB less memory in flight. The sha256 of the content (the layer's diff_id) is
+computed on the helper thread as well: hashlib releases the GIL for large buffers, so it costs the
+builder nothing.
 """
 
 from __future__ import annotations

@@ -102,6 +102,11 @@ class LayerBlobWriter:
     def write(self, offset: int, data: BytesLike) -> None:
         self._lsmt.write(offset, data)
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the blob in its file so far (output still being compressed not included)."""
+        return self._file.tell()
+
     def zero(self, offset: int, length: int) -> None:
         self._lsmt.zero(offset, length)
 
