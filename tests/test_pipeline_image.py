@@ -121,10 +121,39 @@ def test_releasing_reader_gives_space_back_behind_the_read_position(tmp_path: Pa
     path.write_bytes(data)
     os.fsync(os.open(path, os.O_RDONLY))
     before = path.stat().st_blocks
+    released: list[int] = []
     with open(path, "r+b", buffering=0) as f:
-        reader = transport.ReleasingReader(f)
+        reader = transport.ReleasingReader(f, released.append)
         assert not reader.seekable()  # a lost upload session must not re-read released bytes
         got = b"".join(iter(lambda: reader.read(1 << 20), b""))
     assert got == data
+    assert released == [n << 20 for n in range(1, 9)]  # each release reported, in order
     assert path.stat().st_size == len(data)
     assert path.stat().st_blocks * 512 <= before * 512 - (7 << 20)  # released in 1 MiB steps up to the end
+
+
+def test_temp_budget_waits_for_the_upload_only_when_over() -> None:
+    import threading
+    import time
+
+    from converter.pipeline import _TempBudget
+
+    cancel = threading.Event()
+    budget = _TempBudget(cancel.is_set)
+    budget.wait_for_room(10 << 30)  # no upload running: never waits
+    budget.upload_started(100 << 20)
+    budget.released(100 << 20, 60 << 20)  # 40 MiB of the previous blob left
+    budget.wait_for_room(50 << 20)  # 50 + 8 (margin) + 40 <= 100: room
+    assert budget.waited == 0
+    threading.Timer(0.3, budget.released, (100 << 20, 90 << 20)).start()
+    budget.wait_for_room(60 << 20)  # 60 + 8 + 40 > 100: waits until only 10 are left
+    assert 0.2 < budget.waited < 2
+    threading.Timer(0.3, budget.upload_finished).start()
+    budget.wait_for_room(120 << 20)  # larger than every blob so far: waits for the upload to end
+    assert budget.waited > 0.45
+    budget.upload_started(10 << 20)
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+    budget.wait_for_room(200 << 20)  # a cancelled conversion stops waiting
+    assert time.monotonic() - started < 2
+
