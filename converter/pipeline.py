@@ -256,7 +256,8 @@ class _BudgetedSink:
 
 class _Uploader:
     """Uploads one blob in the background while the next layer converts; at most one upload in flight,
-    so at most two converted blobs sit in the temp dir at any time."""
+    so at most two converted blobs sit in the temp dir at any time (and _TempBudget keeps the two within
+    the largest one)."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
@@ -513,6 +514,7 @@ class _Conversion:
                     info, result = self._convert_layer(builder, image, layer, platform, tag, offset, budget)
                     results.append(result)
                     converted.append(ConvertedLayer(info.digest, info.size))
+                    uploader.wait()  # the previous upload ends before the budget follows this one
                     if budget is not None:
                         budget.upload_started(info.size)
                     uploader.submit(lambda info=info, layer=layer: self._upload_layer(info, layer, budget))
