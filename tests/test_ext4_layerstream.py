@@ -165,3 +165,17 @@ def test_headers_with_high_bytes_pass_the_checksum_both_ways() -> None:
     tar[148:156] = b"%06o\0 " % (signed + 1)
     with LayerStream(io.BytesIO(bytes(tar))) as stream, pytest.raises(TarFormatError, match="bad tar header checksum"):
         entries(stream)
+
+
+def test_multi_frame_zstd_is_read_across_frames_into_full_chunks() -> None:
+    """zstd:chunked layers are a series of small frames; every frame must be read, in full chunks."""
+    tar = sample_tar()
+    frames = b"".join(zstandard.ZstdCompressor().compress(tar[i:i + 3000]) for i in range(0, len(tar), 3000))
+    with LayerStream(io.BytesIO(frames), hash_content=True, chunk_bytes=64 << 10) as stream:
+        first = stream.next_chunk()
+        assert len(first) == min(64 << 10, len(tar))  # not cut at the first frame's end
+        stream.drain()
+        assert stream.hexdigest() == hashlib.sha256(tar).hexdigest()
+    with LayerStream(io.BytesIO(frames)) as stream:
+        assert [e[0] for e in entries(stream)][-1] == b"dir/link"
+

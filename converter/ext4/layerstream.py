@@ -50,7 +50,8 @@ def _chunk_reader(raw: BinaryIO, chunk_bytes: int) -> tuple[str, Callable[[], by
     if magic == ZSTD_MAGIC:
         import zstandard
 
-        zst = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=chunk_bytes)
+        # zstd:chunked layers (podman's default) are many small frames: read across them into full chunks
+        zst = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=chunk_bytes, read_across_frames=True)
         return "zstd", lambda: zst.read(chunk_bytes)
     return "none", lambda: buffered.read(chunk_bytes)
 
