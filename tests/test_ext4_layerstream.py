@@ -179,3 +179,12 @@ def test_multi_frame_zstd_is_read_across_frames_into_full_chunks() -> None:
     with LayerStream(io.BytesIO(frames)) as stream:
         assert [e[0] for e in entries(stream)][-1] == b"dir/link"
 
+
+def test_multi_member_gzip_is_read_to_the_end() -> None:
+    """eStargz layers are one gzip member per file (and a footer member): all members are the tar."""
+    tar = sample_tar()
+    members = b"".join(gzip.compress(tar[i:i + 5000], mtime=0) for i in range(0, len(tar), 5000))
+    with LayerStream(io.BytesIO(members), hash_content=True, chunk_bytes=64 << 10) as stream:
+        stream.drain()
+        assert stream.count == len(tar) and stream.hexdigest() == hashlib.sha256(tar).hexdigest()
+
