@@ -195,11 +195,13 @@ class _TempBudget:
 
     Blob i uploads (its space given back behind the read position, transport.ReleasingReader) while blob
     i+1 is written. When the upload is slower than the conversion, the two together outgrow one blob; then
-    the builder waits (it checks every CHECK_BYTES of layer data) until the upload has given back enough.
-    MARGIN covers compressed output still in flight in the ZFile writer, not yet in the file."""
+    the builder waits (it checks before its first write and then every CHECK_BYTES of layer data) until
+    the upload has given back enough. MARGIN covers what the blob can grow by until the next check: the
+    output still in flight in the ZFile writer (at most 7 MiB: its pending batch and the workers' slots)
+    plus CHECK_BYTES of new data (LZ4 may grow incompressible data by 0.5 %)."""
 
     CHECK_BYTES = 8 << 20
-    MARGIN = 8 << 20
+    MARGIN = 16 << 20
 
     def __init__(self, cancelled: Callable[[], bool]) -> None:
         self._cond = threading.Condition()
@@ -244,14 +246,14 @@ class _BudgetedSink:
     def __init__(self, writer: LayerBlobWriter, budget: _TempBudget) -> None:
         self._writer = writer
         self._budget = budget
-        self._until_check = budget.CHECK_BYTES
+        self._until_check = 0  # the first write checks: a small layer may never reach CHECK_BYTES
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._writer.write(offset, data)
-        self._until_check -= len(data)
         if self._until_check <= 0:
             self._until_check = self._budget.CHECK_BYTES
             self._budget.wait_for_room(self._writer.disk_bytes)
+        self._until_check -= len(data)
+        self._writer.write(offset, data)
 
 
 class _Uploader:

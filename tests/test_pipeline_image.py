@@ -143,10 +143,10 @@ def test_temp_budget_waits_for_the_upload_only_when_over() -> None:
     budget.wait_for_room(10 << 30)  # no upload running: never waits
     budget.upload_started(100 << 20)
     budget.released(100 << 20, 60 << 20)  # 40 MiB of the previous blob left
-    budget.wait_for_room(50 << 20)  # 50 + 8 (margin) + 40 <= 100: room
+    budget.wait_for_room(40 << 20)  # 40 + 16 (margin) + 40 <= 100: room
     assert budget.waited == 0
     threading.Timer(0.3, budget.released, (100 << 20, 90 << 20)).start()
-    budget.wait_for_room(60 << 20)  # 60 + 8 + 40 > 100: waits until only 10 are left
+    budget.wait_for_room(60 << 20)  # 60 + 16 + 40 > 100: waits until only 10 are left
     assert 0.2 < budget.waited < 2
     threading.Timer(0.3, budget.upload_finished).start()
     budget.wait_for_room(120 << 20)  # larger than every blob so far: waits for the upload to end
@@ -157,3 +157,18 @@ def test_temp_budget_waits_for_the_upload_only_when_over() -> None:
     budget.wait_for_room(200 << 20)  # a cancelled conversion stops waiting
     assert time.monotonic() - started < 2
 
+
+
+def test_budgeted_sink_checks_before_the_first_write(tmp_path: Path) -> None:
+    """A layer smaller than the check interval must still wait while the previous blob is all on disk."""
+    import threading
+
+    from converter.formats.layer import LayerBlobWriter
+    from converter.pipeline import _BudgetedSink, _TempBudget
+
+    budget = _TempBudget(lambda: False)
+    budget.upload_started(10 << 20)
+    threading.Timer(0.3, budget.upload_finished).start()
+    with LayerBlobWriter(tmp_path / "small.obd", virtual_size=1 << 30) as writer:
+        _BudgetedSink(writer, budget).write(0, bytes(4096))
+    assert budget.waited > 0.2
