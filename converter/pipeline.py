@@ -510,25 +510,21 @@ class _Conversion:
             uploader = _Uploader()
             # Converted blobs are deleted as they upload: keep the temp dir within the largest of them.
             budget = _TempBudget(self.cancelled) if self.opts.upload and not self.opts.reserve else None
-            new_results: list[LayerResult] = []
             try:
                 for layer in image.layers[len(reused):]:
                     self.check_cancel()
                     info, result = self._convert_layer(builder, image, layer, platform, tag, offset, budget)
-                    new_results.append(result)
+                    results.append(result)
+                    converted.append(ConvertedLayer(info.digest, info.size))
                     uploader.wait()  # the previous upload ends before the budget follows this one
                     if budget is not None:
                         budget.upload_started(info.size)
-                    uploader.submit(lambda info=info, layer=layer, result=result:
-                                    self._upload_layer(info, layer, result, budget))
+                    uploader.submit(lambda info=info, layer=layer: self._upload_layer(info, layer, budget))
                 uploader.wait()
             except BaseException:
                 with contextlib.suppress(BaseException):
                     uploader.wait()
                 raise
-            self.check_cancel()  # a cancelled upload job returns early, without a digest
-            results.extend(new_results)
-            converted.extend(ConvertedLayer(r.digest, r.size) for r in new_results)
 
         config_out = rewrite_config(image.config, converted)
         raw = rewrite_manifest(image, config_out, converted, oci=self.opts.oci,
@@ -607,8 +603,7 @@ class _Conversion:
         tar: LayerStream | None = None
         try:
             with LayerBlobWriter(path, virtual_size=builder.vsize, uuid=layer.uuid, parent_uuid=parent,
-                                 algorithm=self.opts.algorithm, block_size=self.opts.block_size,
-                                 hash_blob=False) as writer:
+                                 algorithm=self.opts.algorithm, block_size=self.opts.block_size) as writer:
                 # decompressed and hashed (the diff_id) on a helper thread, ahead of the builder
                 tar = LayerStream(source, hash_content=True)  # type: ignore[arg-type]
                 sink = writer if budget is None else _BudgetedSink(writer, budget)
@@ -623,13 +618,12 @@ class _Conversion:
                 tar.close()
             raw.close()
         seconds = time.monotonic() - started
-        self.emit("layer_done", platform=platform, index=layer.index, count=count, size=info.size,
-                  tar_bytes=tar.count, files=stats.files, seconds=seconds)
-        log.info("layer %s%s: %d files, %.1f MB tar -> %.1f MB blob in %.2f s (%.0f MB/s)", label,
-                 f" [{platform}]" if platform else "", stats.files, tar.count / 1e6, info.size / 1e6,
+        self.emit("layer_done", platform=platform, index=layer.index, count=count, digest=info.digest,
+                  size=info.size, tar_bytes=tar.count, files=stats.files, seconds=seconds)
+        log.info("layer %s%s: %d files, %.1f MB tar -> %s (%.1f MB) in %.2f s (%.0f MB/s)", label,
+                 f" [{platform}]" if platform else "", stats.files, tar.count / 1e6, info.digest, info.size / 1e6,
                  seconds, tar.count / 1e6 / max(seconds, 1e-6))
-        # the digest is filled in by _upload_layer, which hashes the blob while the next layer converts
-        return info, LayerResult(offset + layer.index, "", info.size, layer.uuid, "converted", layer.digest,
+        return info, LayerResult(offset + layer.index, info.digest, info.size, layer.uuid, "converted", layer.digest,
                                  layer.diff_id, layer.chain_id, round(seconds, 3), tar.count, stats.files)
 
     def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: LayerBlobWriter | _BudgetedSink, label: str,
@@ -679,17 +673,11 @@ class _Conversion:
                 self.blobs_uploaded += 1
                 self.bytes_written += info.size
 
-    def _upload_layer(self, info: BlobInfo, layer: SourceLayer, result: LayerResult,
-                      budget: _TempBudget | None = None) -> None:
-        """Hash the finished blob (on this upload thread, while the next layer converts), then upload it."""
+    def _upload_layer(self, info: BlobInfo, layer: SourceLayer, budget: _TempBudget | None = None) -> None:
         try:
             if self.cancelled():
                 return
             started = time.monotonic()
-            info = info.hashed()
-            assert info.digest is not None
-            result.digest = info.digest
-            log.info("layer %s: blob %s", layer.label, info.digest)
             on_release = None if budget is None else functools.partial(budget.released, info.size)
             self._put_blob(info, delete=self.opts.upload, on_release=on_release)
         finally:

@@ -146,17 +146,6 @@ def test_blob_info(tmp_path: Path) -> None:
         assert layer.header.user_tag == b"test layer"
 
 
-def test_hashing_left_to_the_caller(tmp_path: Path) -> None:
-    """hash_blob=False: close() skips the sha256 pass; BlobInfo.hashed() does it later, once."""
-    with LayerBlobWriter(tmp_path / "a.obd", virtual_size=1 << 30, hash_blob=False) as w:
-        w.write(0, os.urandom(1 << 20))
-    assert w.info is not None and w.info.digest is None
-    hashed = w.info.hashed()
-    assert hashed.digest == "sha256:" + hashlib.sha256((tmp_path / "a.obd").read_bytes()).hexdigest()
-    assert (hashed.size, hashed.path, hashed.lsmt_size) == (w.info.size, w.info.path, w.info.lsmt_size)
-    assert hashed.hashed() is hashed
-
-
 def test_abort_and_exception_remove_the_partial_file(tmp_path: Path) -> None:
     path = tmp_path / "partial.obd"
     w = LayerBlobWriter(path, virtual_size=1 << 30)

@@ -13,7 +13,7 @@ import hashlib
 import io
 import mmap
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 
 from .common import BytesLike, FormatError
@@ -29,21 +29,11 @@ HASH_WINDOW = 32 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 @dataclass(frozen=True)
 class BlobInfo:
     path: str
-    digest: str | None  # "sha256:<hex>"; None if the writer was told not to hash (see hashed())
+    digest: str  # "sha256:<hex>"
     size: int  # bytes of the final blob (tar-wrapped zfile)
     lsmt_size: int
     data_bytes: int  # bytes in the LSMT data section, rewritten (dead) data included
     index_entries: int  # real LSMT index entries, padding excluded
-
-    def hashed(self) -> BlobInfo:
-        """This info with the digest of the finished file (one read of it, unless already known)."""
-        if self.digest is not None:
-            return self
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            return replace(self, digest=sha256_file(fd))
-        finally:
-            os.close(fd)
 
 
 def sha256_file(fd: int) -> str:
@@ -76,19 +66,17 @@ class LayerBlobWriter:
     write()/zero() take byte offsets and lengths that are multiples of 512; later writes win. close()
     finishes the blob and returns its BlobInfo; abort() (or leaving a `with` block by an exception) removes
     the partial file. `compress=False` leaves out the ZFile stage; `wrapper` is "pax" (overlaybd-commit -t),
-    "ustar" (Go archive/tar form) or "none". `hash_blob=False` leaves the sha256 pass to the caller
-    (BlobInfo.hashed()), e.g. to run it on another thread while the next layer converts.
+    "ustar" (Go archive/tar form) or "none".
     """
 
     def __init__(self, path: str | os.PathLike[str], *, virtual_size: int, uuid: str | None = None,
                  parent_uuid: str | None = None, user_tag: bytes = b"", algorithm: str = "lz4",
                  block_size: int = DEFAULT_BLOCK_SIZE, workers: int | None = None, compress: bool = True,
-                 wrapper: str = "pax", hash_blob: bool = True) -> None:
+                 wrapper: str = "pax") -> None:
         if wrapper not in WRAPPER_CHOICES:
             raise FormatError(f"unknown tar wrapper {wrapper!r}; choose one of {WRAPPER_CHOICES}")
         self.path = os.fspath(path)
         self._wrapper = wrapper
-        self._hash_blob = hash_blob
         self._zfile: ZFileWriter | None = None
         self._done = False
         self.info: BlobInfo | None = None  # set by close()
@@ -136,7 +124,7 @@ class LayerBlobWriter:
                 self._file.write(WRAPPERS[self._wrapper][1](payload))
             self._file.flush()
             size = os.fstat(self._file.fileno()).st_size
-            digest = sha256_file(self._file.fileno()) if self._hash_blob else None
+            digest = sha256_file(self._file.fileno())
             self._file.close()
         except BaseException:
             self.abort()
