@@ -14,7 +14,6 @@ tag never points at anything partial. See docs/pipeline.md.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ from typing import Any, BinaryIO
 
 from .cache import CachedLayer, LayerCache, RedisLayerCache, open_layer_cache
 from .errors import ConversionError, PermanentError, TransientError
-from .ext4 import ImageBuilder, LayerApplyError, LayerStats, derive_fs_ids
+from .ext4 import BlockSink, ImageBuilder, LayerApplyError, LayerStats, derive_fs_ids
 from .ext4.layerstream import LayerStream
 from .formats.common import FormatError
 from .formats.layer import BlobInfo, LayerBlobWriter, wrap_blob
@@ -207,17 +206,19 @@ class _TempBudget:
         self._cond = threading.Condition()
         self._cancelled = cancelled
         self._largest = 0  # the largest blob finished so far
-        self._uploading = 0  # bytes of the blob being uploaded that are still on disk
+        self._upload_size = 0  # the blob being uploaded
+        self._uploading = 0  # ... and how much of it is still on disk
         self.waited = 0.0  # seconds the builder spent waiting
 
     def upload_started(self, size: int) -> None:
         with self._cond:
             self._largest = max(self._largest, size)
-            self._uploading = size
+            self._upload_size = self._uploading = size
 
-    def released(self, size: int, released: int) -> None:
+    def released(self, released: int) -> None:
+        """ReleasingReader's report: the first `released` bytes of the uploading blob are given back."""
         with self._cond:
-            self._uploading = max(0, size - released)
+            self._uploading = max(0, self._upload_size - released)
             self._cond.notify_all()
 
     def upload_finished(self) -> None:
@@ -626,7 +627,7 @@ class _Conversion:
         return info, LayerResult(offset + layer.index, info.digest, info.size, layer.uuid, "converted", layer.digest,
                                  layer.diff_id, layer.chain_id, round(seconds, 3), tar.count, stats.files)
 
-    def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: LayerBlobWriter | _BudgetedSink, label: str,
+    def _apply(self, builder: ImageBuilder, tar: LayerStream, writer: BlockSink, label: str,
                source: _SourceStream) -> LayerStats:
         try:
             return builder.apply_layer(tar, writer, label=label)
@@ -678,8 +679,7 @@ class _Conversion:
             if self.cancelled():
                 return
             started = time.monotonic()
-            on_release = None if budget is None else functools.partial(budget.released, info.size)
-            self._put_blob(info, delete=self.opts.upload, on_release=on_release)
+            self._put_blob(info, delete=self.opts.upload, on_release=None if budget is None else budget.released)
         finally:
             if budget is not None:
                 budget.upload_finished()  # the blob is gone (or the upload failed: its error comes from wait())

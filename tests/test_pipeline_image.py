@@ -142,10 +142,10 @@ def test_temp_budget_waits_for_the_upload_only_when_over() -> None:
     budget = _TempBudget(cancel.is_set)
     budget.wait_for_room(10 << 30)  # no upload running: never waits
     budget.upload_started(100 << 20)
-    budget.released(100 << 20, 60 << 20)  # 40 MiB of the previous blob left
+    budget.released(60 << 20)  # 40 MiB of the previous blob left
     budget.wait_for_room(40 << 20)  # 40 + 16 (margin) + 40 <= 100: room
     assert budget.waited == 0
-    threading.Timer(0.3, budget.released, (100 << 20, 90 << 20)).start()
+    threading.Timer(0.3, budget.released, (90 << 20,)).start()
     budget.wait_for_room(60 << 20)  # 60 + 16 + 40 > 100: waits until only 10 are left
     assert 0.2 < budget.waited < 2
     threading.Timer(0.3, budget.upload_finished).start()

@@ -301,17 +301,18 @@ class ZFileWriter:
                 self._pending_bytes += len(mv)
                 return
             self._pending.append(mv[:room])
+            self._pending_bytes += room
             mv = mv[room:]
             self._submit_pending()
 
     def _submit_pending(self) -> None:
-        pieces, self._pending, self._pending_bytes = self._pending, [], 0
+        pieces, size = self._pending, self._pending_bytes
+        self._pending, self._pending_bytes = [], 0
         if self._writer_error is not None:
             raise self._writer_error
         if self._process_after is not None and self._in_bytes >= self._process_after:
             self._process_after = None  # one try per writer
             self._start_processes()
-        size = sum(len(p) for p in pieces)
         self._in_bytes += size
         if self._procs is not None:
             if self._procs.full:
