@@ -413,7 +413,8 @@ class LayoutStore(Store):
         return str(self._blob_path(digest))
 
 
-def registry_client(host_registry: str, options: RegistryOptions, retry: RetryPolicy | None = None) -> RegistryClient:
+def registry_client(host_registry: str, options: RegistryOptions, retry: RetryPolicy | None = None,
+                    rate_limit: float | None = None) -> RegistryClient:
     """A client for the registry named in a reference, honouring an endpoint override and TLS choices."""
     host, plain_http = host_registry, options.plain_http
     if options.endpoint:
@@ -422,7 +423,7 @@ def registry_client(host_registry: str, options: RegistryOptions, retry: RetryPo
     credentials = Credentials(options.username, options.password or "") if options.username else None
     return RegistryClient(host, credentials=credentials, docker_config=options.docker_config, plain_http=plain_http,
                           insecure=options.insecure, ca_file=options.ca_file, cert_dir=options.cert_dir,
-                          client_cert=options.client_cert, retry=retry)
+                          client_cert=options.client_cert, retry=retry, rate_limit=rate_limit)
 
 
 def open_store(location: Location, options: RegistryOptions, clients: dict[str, RegistryClient], *,

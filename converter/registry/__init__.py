@@ -16,6 +16,7 @@ from converter.registry.client import (
 )
 from converter.registry.errors import (
     AuthError,
+    DeleteUnsupportedError,
     DigestMismatchError,
     InvalidReferenceError,
     NotFoundError,
@@ -30,7 +31,8 @@ from converter.registry.reference import Reference, parse_reference
 
 __all__ = [
     "ACCEPT", "DOCKER_LIST", "DOCKER_MANIFEST", "MANIFEST_TYPES", "OCI_INDEX", "OCI_MANIFEST",
-    "AuthError", "BlobReader", "Credentials", "Descriptor", "DigestMismatchError", "InvalidReferenceError",
+    "AuthError", "BlobReader", "Credentials", "DeleteUnsupportedError", "Descriptor", "DigestMismatchError",
+    "InvalidReferenceError",
     "Manifest", "NotFoundError", "Reference", "RegistryClient", "RegistryError", "RegistryErrorDetail",
     "RegistryPermanentError", "RegistryTransientError", "RetryPolicy", "TLSError", "UnsupportedManifestError",
     "load_docker_credentials", "parse_reference",

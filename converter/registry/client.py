@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import certifi
 import requests
@@ -33,6 +34,7 @@ from tenacity.wait import wait_exponential, wait_random
 from converter.registry.auth import Challenge, Credentials, load_docker_credentials, parse_challenge
 from converter.registry.errors import (
     AuthError,
+    DeleteUnsupportedError,
     DigestMismatchError,
     NotFoundError,
     RegistryError,
@@ -63,6 +65,8 @@ READ_SIZE = 1024 * 1024
 TOKEN_MARGIN = 10.0  # refresh a bearer token this many seconds before it expires
 DEFAULT_CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 USER_AGENT = "obd-autoconvert"
+PAGE_SIZE = 100  # catalog, tag and Harbor listings: entries asked for per page
+HARBOR_API = "/api/v2.0"
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,25 @@ def _certs_dir_files(directory: Path) -> tuple[list[Path], tuple[str, str] | Non
     return cas, client
 
 
+class RateLimiter:
+    """At most ``per_second`` request starts per second, shared by every thread using the client."""
+
+    def __init__(self, per_second: float) -> None:
+        if per_second <= 0:
+            raise ValueError("rate limit must be positive (requests per second)")
+        self.interval = 1.0 / per_second
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
 class RegistryClient:
     """Talks to one registry ``host`` (``host[:port]``; ``docker.io`` means Docker Hub's API host).
 
@@ -180,6 +203,8 @@ class RegistryClient:
     of the certs.d directory (``cert_dir/<host>/`` or ``cert_dir/``; default
     ``/etc/docker/certs.d/<host>``); ``client_cert`` (cert, key) or a ``*.cert``/``*.key`` pair there
     authenticates the client. ``insecure`` skips verification; ``plain_http`` speaks HTTP.
+    ``rate_limit`` (requests per second, None = unlimited) spaces out every request this client sends,
+    retries included; a 429 answer is retried after its Retry-After in any case.
     """
 
     def __init__(self, host: str, *, credentials: Credentials | str | None = None,
@@ -187,7 +212,7 @@ class RegistryClient:
                  insecure: bool = False, ca_file: str | os.PathLike | None = None,
                  cert_dir: str | os.PathLike | None = None, client_cert: tuple[str, str] | None = None,
                  retry: RetryPolicy | None = None, timeout: tuple[float, float] = (10.0, 60.0),
-                 chunk_size: int = CHUNK_SIZE):
+                 chunk_size: int = CHUNK_SIZE, rate_limit: float | None = None):
         self.host = DOCKER_HUB_API if host in DOCKER_HUB_ALIASES else host  # "docker.io" serves no API
         self.scheme = "http" if plain_http else "https"
         self.base = f"{self.scheme}://{self.host}"
@@ -197,6 +222,7 @@ class RegistryClient:
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self.chunk_size = chunk_size
+        self.limiter = RateLimiter(rate_limit) if rate_limit else None
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self._bundle: str | None = None
@@ -259,6 +285,8 @@ class RegistryClient:
     def _send(self, method: str, url: str, *, retry: bool = True, **kw) -> requests.Response:
         """One HTTP exchange, retried on transient failures; returns any non-retryable response."""
         def attempt() -> requests.Response:
+            if self.limiter is not None:
+                self.limiter.wait()
             try:
                 # verify is passed per request: a session-level value loses to REQUESTS_CA_BUNDLE.
                 response = self.session.request(method, url, timeout=self.timeout, verify=self.session.verify,
@@ -383,15 +411,71 @@ class RegistryClient:
         """``GET /v2/`` with auth: raises if the registry is unreachable or refuses the credentials."""
         self._request("GET", "/v2/", scopes=()).close()
 
-    def list_tags(self, repo: str) -> list[str]:
-        tags: list[str] = []
-        path: str | None = f"/v2/{_check_repo(repo)}/tags/list"
-        while path:
-            response = self._request("GET", path, scopes=_pull(repo))
-            tags += response.json().get("tags") or []
+    def _pages(self, path: str, scopes: tuple[str, ...], key: str) -> Iterator[str]:
+        """The ``key`` lists of a paginated listing, following ``Link: <...>; rel="next"``."""
+        next_path: str | None = path
+        while next_path:
+            response = self._request("GET", next_path, scopes=scopes)
+            try:
+                entries = response.json().get(key) or []
+            except (ValueError, AttributeError):
+                raise RegistryPermanentError(f"GET {urlsplit(next_path).path}: answer is not a JSON object "
+                                             f"with a {key!r} list") from None
+            yield from (str(entry) for entry in entries)
             links = requests.utils.parse_header_links(response.headers.get("Link", ""))
-            path = next((link["url"] for link in links if link.get("rel") == "next"), None)
-        return tags
+            next_path = next((link["url"] for link in links if link.get("rel") == "next"), None)
+
+    def list_tags(self, repo: str, page_size: int | None = None) -> list[str]:
+        """Every tag of ``repo`` (``/v2/<name>/tags/list``, paginated with ``n=``/``Link``)."""
+        path = f"/v2/{_check_repo(repo)}/tags/list"
+        if page_size:
+            path = _with_query(path, n=str(page_size))
+        return list(self._pages(path, _pull(repo), "tags"))
+
+    def list_repositories(self, page_size: int = PAGE_SIZE) -> Iterator[str]:
+        """Every repository in the catalog (``/v2/_catalog``, paginated with ``n=``/``Link``).
+
+        Raises AuthError/NotFoundError when the registry hides its catalog (Harbor, most clouds).
+        """
+        path = _with_query("/v2/_catalog", n=str(page_size))
+        return self._pages(path, ("registry:catalog:*",), "repositories")
+
+    def _harbor_get(self, path: str, params: dict[str, str]) -> requests.Response:
+        # Harbor's REST API takes Basic credentials directly (no token dance): send them up front.
+        headers = {"Accept": "application/json"}
+        if self.credentials and self.credentials.username:
+            headers["Authorization"] = self.credentials.basic_header()
+        response = self._send("GET", _with_query(self._url(path), **params), headers=headers)
+        if response.status_code != 200:
+            raise self._error("GET", self._url(path), response)
+        return response
+
+    def _harbor_pages(self, path: str, page_size: int) -> Iterator[dict]:
+        page = 1
+        while True:
+            response = self._harbor_get(path, {"page": str(page), "page_size": str(page_size)})
+            try:
+                items = response.json()
+            except ValueError:
+                items = None
+            if not isinstance(items, list):
+                raise RegistryPermanentError(f"GET {path}: not a Harbor API answer (expected a JSON list)")
+            yield from (item for item in items if isinstance(item, dict))
+            if len(items) < page_size:
+                return
+            page += 1
+
+    def list_harbor_repositories(self, page_size: int = PAGE_SIZE) -> Iterator[str]:
+        """Every repository through Harbor's REST API (projects, then their repositories), for Harbor
+        installations whose ``/v2/_catalog`` is disabled. Names are ``project/repo...``."""
+        for project in self._harbor_pages(f"{HARBOR_API}/projects", page_size):
+            name = str(project.get("name") or "")
+            if not name:
+                continue
+            for repo in self._harbor_pages(f"{HARBOR_API}/projects/{quote(name, safe='')}/repositories", page_size):
+                full = str(repo.get("name") or "")
+                if full:
+                    yield full
 
     # ------------------------------------------------------------------- API: manifests
 
@@ -451,8 +535,20 @@ class RegistryClient:
         return digest
 
     def delete_manifest(self, repo: str, digest: str) -> None:
-        self._request("DELETE", f"/v2/{_check_repo(repo)}/manifests/{_check_digest(digest)}",
-                      scopes=(f"repository:{repo}:delete",), ok=(202, 200)).close()
+        """Delete the manifest ``digest`` (and with it every tag pointing at it).
+
+        Raises DeleteUnsupportedError when the registry does not allow deletes (405 / UNSUPPORTED).
+        """
+        path = f"/v2/{_check_repo(repo)}/manifests/{_check_digest(digest)}"
+        try:
+            self._request("DELETE", path, scopes=(f"repository:{repo}:delete",), ok=(202, 200)).close()
+        except RegistryPermanentError as err:
+            if err.status == 405 or any(e.code == "UNSUPPORTED" for e in err.errors):
+                raise DeleteUnsupportedError(
+                    f"{self.host} does not allow deleting manifests ({err}); on Distribution set "
+                    f"storage.delete.enabled: true in config.yml", status=err.status, errors=err.errors,
+                    method="DELETE", path=path) from None
+            raise
 
     def referrers(self, repo: str, digest: str, artifact_type: str | None = None) -> list[dict]:
         """Descriptors of manifests whose ``subject`` is ``digest``: the referrers API if the

@@ -57,6 +57,11 @@ class InvalidReferenceError(ValueError, PermanentError):
     """An image reference that does not parse; the message names the bad part."""
 
 
+class DeleteUnsupportedError(RegistryPermanentError):
+    """405 / UNSUPPORTED on a manifest DELETE: the registry does not allow deletes (Distribution needs
+    ``storage.delete.enabled: true``)."""
+
+
 class TLSError(RegistryPermanentError):
     """Certificate verification failed (or client certificate refused)."""
 
