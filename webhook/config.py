@@ -25,6 +25,7 @@ from converter.options import ConvertOptions
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
 DEFAULT_SUFFIX = "_obd"
+DEFAULT_TURBO_SUFFIX = "_turbo"
 # gevent: one OS thread per HTTP process, requests as greenlets (about a third less CPU per event than
 # gthread, whose request threads spend it handing the GIL to each other); gthread: plain threads.
 HTTP_WORKER_CLASSES = ("gevent", "gthread")
@@ -68,6 +69,25 @@ class Rule:
     exclude_tags: tuple[str, ...] = ()
     suffix: str = DEFAULT_SUFFIX
     options: Mapping[str, Any] = field(default_factory=dict)
+    overlaybd: bool = True  # publish the native overlaybd output as <tag><suffix>
+    turbo_oci: bool = False  # publish a TurboOCI output as <tag><turbo_suffix>
+    turbo_suffix: str = DEFAULT_TURBO_SUFFIX
+    delete_mirror: bool = False  # deleting <tag> deletes the outputs this service created for it
+
+    @property
+    def output_suffixes(self) -> tuple[str, ...]:
+        """The tag suffixes this rule publishes (native first). Loop checks, delete mirroring and the
+        stale report all go through this one list."""
+        return ((self.suffix,) if self.overlaybd else ()) + ((self.turbo_suffix,) if self.turbo_oci else ())
+
+
+@dataclass(frozen=True)
+class BackfillSettings:
+    """How backfills and stale reports walk a registry."""
+
+    requests_per_second: float = 10.0  # registry calls per second per run; 0 = unlimited
+    page_size: int = 100  # catalog and tag list entries asked for per page (`n=`)
+    batch_size: int = 100  # jobs recorded per store transaction
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class Config:
     job_retention_days: float = 30.0  # finished jobs (and their attempt logs) are deleted after this; 0 = never
     sqlite_synchronous: str = "NORMAL"
     retry: RetrySettings = field(default_factory=RetrySettings)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
     rules: tuple[Rule, ...] = (Rule(),)
     registries: Mapping[str, RegistrySettings] = field(default_factory=dict)
     converter_actors: tuple[str, ...] = ()
@@ -117,7 +138,9 @@ class Config:
 
     @property
     def output_suffixes(self) -> tuple[str, ...]:
-        return tuple(sorted({rule.suffix for rule in self.rules}))
+        # Every suffix a rule publishes, plus each native suffix even where overlaybd is off (outputs made
+        # before it was turned off keep that name): a tag ending in one is never a source.
+        return tuple(sorted({s for rule in self.rules for s in (rule.suffix, *rule.output_suffixes)}))
 
 
 def _tuple_of_str(value: Any, key: str) -> tuple[str, ...]:
@@ -147,6 +170,8 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def _coerce(cls: type, key: str, value: Any, default: Any, name: str) -> Any:
     if cls is Config and key == "retry":
         return _build(RetrySettings, value, name)
+    if cls is Config and key == "backfill":
+        return _build(BackfillSettings, value, name)
     if cls is Config and key == "rules":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{name}: expected a non-empty list of rules")
@@ -187,8 +212,14 @@ def _build_rule(data: Any, where: str) -> Rule:
             re.compile(rule.tag_regex)
         except re.error as exc:
             raise ConfigError(f"{where}.tag_regex: invalid regular expression: {exc}") from exc
-    if not rule.suffix or "/" in rule.suffix or ":" in rule.suffix:
-        raise ConfigError(f"{where}.suffix: must be a non-empty tag fragment, got {rule.suffix!r}")
+    for key in ("suffix", "turbo_suffix"):
+        value = getattr(rule, key)
+        if not value or "/" in value or ":" in value:
+            raise ConfigError(f"{where}.{key}: must be a non-empty tag fragment, got {value!r}")
+    if rule.turbo_oci and rule.turbo_suffix == rule.suffix:
+        raise ConfigError(f"{where}.turbo_suffix: must differ from suffix {rule.suffix!r}")
+    if not rule.output_suffixes:
+        raise ConfigError(f"{where}: overlaybd and turbo_oci are both off; the rule would publish nothing")
     misplaced = sorted(set(rule.options) & NOT_RULE_OPTIONS)
     if misplaced:
         raise ConfigError(f"{where}.options: {', '.join(misplaced)} cannot be set per rule")
@@ -278,6 +309,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("sqlite_synchronous: expected NORMAL, FULL or EXTRA")
     if config.log_format not in {"auto", "json", "text"}:
         raise ConfigError("log_format: expected auto, json or text")
+    if config.backfill.page_size < 1 or config.backfill.batch_size < 1:
+        raise ConfigError("backfill.page_size and backfill.batch_size: must be at least 1")
     if config.retry.max_attempts < 1:
         raise ConfigError("retry.max_attempts: must be at least 1")
     if config.lease_seconds < 2:

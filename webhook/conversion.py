@@ -32,6 +32,7 @@ class ConversionRequest(ImageRefs):
     options: Mapping[str, Any] = field(default_factory=dict)
     registry_settings: RegistrySettings | None = field(default=None, repr=False)
     attempt: int = 1
+    action: str = "convert"  # convert | delete (webhook.lifecycle.mirror_delete)
     # Set by the worker pool when a shutdown's grace period ends; conversions should stop soon after.
     cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
@@ -67,6 +68,17 @@ def default_convert(job: ConversionRequest) -> ConversionResult:
         details={"up_to_date": result.up_to_date, "layers_converted": result.layers_converted,
                  "layers_reused": result.layers_reused, "seconds": result.seconds},
     )
+
+
+def perform(job: ConversionRequest, convert: ConvertFn) -> ConversionResult:
+    """Run one job: `convert` for conversions, delete mirroring for delete jobs."""
+    if job.action == "delete":
+        from webhook.lifecycle import mirror_delete
+
+        return mirror_delete(job)
+    if job.action != "convert":
+        raise PermanentError(f"job {job.job_id}: unknown action {job.action!r}")
+    return convert(job)
 
 
 def load_convert_callable(spec: str) -> ConvertFn:

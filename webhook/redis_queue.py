@@ -3,6 +3,8 @@
 Why RQ, and how our job model maps onto it, is in docs/webhook.md §5. In short:
 
 * one RQ job per conversion job, with our id; our fields live in `job.meta`;
+* two RQ queues: live pushes and manual requests in `obd-conversions`, backfill jobs in `obd-backfill`;
+  workers listen to both with the live queue first, so a live push never waits behind a backfill;
 * states come from RQ's: queued, started (= running), scheduled (= failed, waiting for its retry),
   finished (= succeeded), failed (= dead), canceled (= superseded);
 * intake (dedup by delivery id and by tag+digest, superseding) runs under a short Redis lock, so
@@ -25,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,10 +48,11 @@ from rq.worker import Worker
 
 from converter.errors import PermanentError, TransientError
 from webhook.config import Config
-from webhook.conversion import ConversionRequest, ConvertFn, load_convert_callable
+from webhook.conversion import ConversionRequest, ConvertFn, load_convert_callable, perform
 from webhook.retry import RetryPolicy
 from webhook.store import (
     DURATION_BUCKETS,
+    ORIGIN_PRIORITY,
     Attempt,
     Intake,
     IntakeOutcome,
@@ -63,10 +66,13 @@ from webhook.store import (
 
 log = logging.getLogger("webhook.redis")
 QUEUE_NAME = "obd-conversions"
+BACKFILL_QUEUE_NAME = "obd-backfill"  # lower priority: workers take it only when QUEUE_NAME is empty
 PREFIX = "obd:"
 JOBS_KEY = PREFIX + "jobs"  # sorted set: job id -> creation time (listing order)
 IMAGES_KEY = PREFIX + "images"  # hash: image key -> newest job id
 COUNTERS_KEY = PREFIX + "counters"  # hash: "name|label" -> count
+RUNS_KEY = PREFIX + "runs"  # hash: run id -> JSON record
+RUNS_ORDER_KEY = PREFIX + "runs-order"  # sorted set: run id -> creation time (kind in the member's record)
 DURATIONS_KEY = PREFIX + "durations"  # hash: bucket bound / "count" / "sum"
 KEEP = -1  # RQ ttl meaning "never expire": job records are the job history
 
@@ -108,6 +114,7 @@ def _to_job(job: RQJob, scheduled_at: float | None = None) -> Job:
         lease_owner=job.worker_name if state is JobState.RUNNING else None, lease_token=None,
         lease_expires_at=None, last_error=meta.get("last_error"), target_digest=meta.get("target_digest"),
         bytes_written=meta.get("bytes_written"), superseded_by=meta.get("superseded_by"),
+        origin=meta.get("origin", "push"), action=meta.get("action", "convert"), priority=meta.get("priority", 0),
     )
 
 
@@ -125,6 +132,7 @@ class RedisBackend:
     def __init__(self, url: str, config: Config) -> None:
         self.redis = Redis.from_url(url)
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.backfill_queue = Queue(BACKFILL_QUEUE_NAME, connection=self.redis)
         self.config = config
         self.policy = RetryPolicy(config.retry)
 
@@ -162,7 +170,15 @@ class RedisBackend:
         retention = int(self.config.event_retention_days * 86400)
         latest_id = self.redis.hget(IMAGES_KEY, new.image_key)
         latest = self._fetch(latest_id.decode()) if latest_id else None
-        if latest is not None and latest.meta.get("digest") == new.digest and _state(latest) is not JobState.DEAD:
+        if (latest is not None and latest.meta.get("digest") == new.digest
+                and latest.meta.get("action", "convert") == new.action and _state(latest) is not JobState.DEAD):
+            if (_state(latest) is JobState.QUEUED and latest.origin == BACKFILL_QUEUE_NAME
+                    and new.priority < latest.meta.get("priority", 0)):
+                # A live push of what a backfill job waits for: move the job to the live queue.
+                self.backfill_queue.remove(latest)
+                latest.meta.update(origin=new.origin, priority=new.priority, updated_at=now)
+                latest.save_meta()
+                self.queue.enqueue_job(latest)
             if item.event_id is not None:
                 self.redis.set(event_key, latest.id, ex=retention)
             return IntakeOutcome("duplicate_image", job_id=latest.id, reason="duplicate_image")
@@ -187,11 +203,17 @@ class RedisBackend:
                 "repository": new.repository, "tag": new.tag, "digest": new.digest,
                 "media_type": new.media_type, "target_tag": new.target_tag, "image_key": new.image_key,
                 "rule": new.rule, "options": dict(new.options), "created_at": now, "updated_at": now,
-                "attempt_log": []}
+                "attempt_log": [], "origin": new.origin, "action": new.action, "priority": new.priority}
         keep = int(self.config.job_retention_days * 86400) or KEEP
-        self.queue.enqueue(run_conversion, job_id=job_id, meta=meta, retry=_retry(self.policy),
+        self._queue_of(new.origin).enqueue(run_conversion, job_id=job_id, meta=meta, retry=_retry(self.policy),
                            result_ttl=keep, failure_ttl=keep, job_timeout=KEEP,
                            description=f"{new.registry}/{new.repository}:{new.tag} -> {new.target_tag}")
+
+    def _queue_of(self, origin: str) -> Queue:
+        return self.backfill_queue if ORIGIN_PRIORITY.get(origin, 0) > 0 else self.queue
+
+    def _queue_of_job(self, job: RQJob) -> Queue:
+        return self.backfill_queue if job.origin == BACKFILL_QUEUE_NAME else self.queue
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -204,7 +226,7 @@ class RedisBackend:
     def _scheduled_at(self, job: RQJob) -> float | None:
         if job.get_status(refresh=False) != JobStatus.SCHEDULED:
             return None
-        score = self.redis.zscore(ScheduledJobRegistry(queue=self.queue).key, job.id)
+        score = self.redis.zscore(ScheduledJobRegistry(queue=self._queue_of_job(job)).key, job.id)
         return float(score) if score is not None else None
 
     def get(self, job_id: str) -> Job:
@@ -240,15 +262,17 @@ class RedisBackend:
                         a.get("error")) for a in job.meta.get("attempt_log", [])]
 
     def counts_by_state(self) -> dict[str, int]:
-        q = self.queue
-        return {
-            JobState.QUEUED.value: q.count,
-            JobState.RUNNING.value: StartedJobRegistry(queue=q).count,
-            JobState.SUCCEEDED.value: FinishedJobRegistry(queue=q).count,
-            JobState.FAILED.value: ScheduledJobRegistry(queue=q).count,
-            JobState.DEAD.value: FailedJobRegistry(queue=q).count,
-            JobState.SUPERSEDED.value: CanceledJobRegistry(queue=q).count,
-        }
+        counts: Counter[str] = Counter()
+        for q in (self.queue, self.backfill_queue):
+            counts.update({
+                JobState.QUEUED.value: q.count,
+                JobState.RUNNING.value: StartedJobRegistry(queue=q).count,
+                JobState.SUCCEEDED.value: FinishedJobRegistry(queue=q).count,
+                JobState.FAILED.value: ScheduledJobRegistry(queue=q).count,
+                JobState.DEAD.value: FailedJobRegistry(queue=q).count,
+                JobState.SUPERSEDED.value: CanceledJobRegistry(queue=q).count,
+            })
+        return {s.value: counts[s.value] for s in JobState}
 
     def stats(self) -> StoreStats:
         counters: dict[tuple[str, str], int] = {}
@@ -278,15 +302,56 @@ class RedisBackend:
         if state in (JobState.QUEUED, JobState.RUNNING, JobState.SUPERSEDED):
             raise InvalidTransition(f"job {job_id} is {state.value}; only dead, failed or succeeded jobs "
                                     "can be retried")
-        for registry in (FailedJobRegistry(queue=self.queue), FinishedJobRegistry(queue=self.queue),
-                         ScheduledJobRegistry(queue=self.queue)):
+        queue = self._queue_of_job(job)
+        for registry in (FailedJobRegistry(queue=queue), FinishedJobRegistry(queue=queue),
+                         ScheduledJobRegistry(queue=queue)):
             registry.remove(job)
         job.meta.update(first_attempt_at=None, updated_at=now)
         job.retries_left = self.policy.settings.max_attempts - 1 or None
         job.save()
-        self.queue.enqueue_job(job)
+        queue.enqueue_job(job)
         self.redis.hincrby(COUNTERS_KEY, "manual_retries|", 1)
         return self.get(job_id)
+
+    # -- runs (backfills) and extra counters --------------------------------------------------------
+
+    def add_counters(self, counts: Mapping[tuple[str, str], int]) -> None:
+        _add_counters(self.redis, counts)
+
+    def save_run(self, run_id: str, kind: str, data: Mapping[str, Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.redis.pipeline() as pipe:
+            pipe.hset(RUNS_KEY, run_id, json.dumps({**dict(data), "_kind": kind}, sort_keys=True))
+            pipe.zadd(RUNS_ORDER_KEY, {run_id: now}, nx=True)
+            pipe.execute()
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(RUNS_KEY, run_id)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        data.pop("_kind", None)
+        return data
+
+    def list_runs(self, kind: str, limit: int = 20) -> list[dict[str, Any]]:
+        found = []
+        for run_id in self.redis.zrevrange(RUNS_ORDER_KEY, 0, -1):
+            raw = self.redis.hget(RUNS_KEY, run_id)
+            data = json.loads(raw) if raw is not None else {}
+            if data.pop("_kind", None) == kind:
+                found.append(data)
+                if len(found) == limit:
+                    break
+        return found
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, int]:
+        counts = {s.value: 0 for s in JobState}
+        ids = list(job_ids)
+        for start in range(0, len(ids), 500):
+            for job in RQJob.fetch_many(ids[start:start + 500], connection=self.redis):
+                if job is not None:
+                    counts[_state(job).value] += 1
+        return counts
 
     def prune_events(self, older_than: float) -> int:
         return 0  # delivery ids expire by themselves (Redis TTL)
@@ -322,7 +387,9 @@ def run_worker(config: Config) -> None:
     _worker_context.update(config=config, convert=load_convert_callable(config.convert_callable),
                            policy=RetryPolicy(config.retry), redis=redis)
     LeasedWorker.lease_seconds = config.lease_seconds
-    worker = LeasedWorker([Queue(QUEUE_NAME, connection=redis)], connection=redis,
+    # RQ takes from the first non-empty queue in this order: live pushes before backfill jobs.
+    worker = LeasedWorker([Queue(QUEUE_NAME, connection=redis), Queue(BACKFILL_QUEUE_NAME, connection=redis)],
+                          connection=redis,
                           name=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}",
                           job_monitoring_interval=max(1, int(config.lease_seconds / 3)),
                           maintenance_interval=max(1, int(config.lease_seconds / 2)),
@@ -385,6 +452,7 @@ def run_conversion() -> dict[str, Any]:
         # Workers on other machines reuse each other's converted layers through the same Redis.
         options={"cache_url": config.redis_url, **meta.get("options", {})},
         registry_settings=config.registries.get(meta["registry"]), attempt=attempt,
+        action=meta.get("action", "convert"),
     )
     # One conversion per target tag at a time, across all workers.
     # The lock expires a lease after its holder stops renewing it (a killed worker frees the tag).
@@ -408,7 +476,7 @@ def run_conversion() -> dict[str, Any]:
         renewer = threading.Thread(target=_renew, args=(lock, renewing, config.lease_seconds / 3), daemon=True)
         renewer.start()
         try:
-            result = convert(request)
+            result = perform(request, convert)
         finally:
             renewing.set()
             renewer.join()
@@ -438,9 +506,19 @@ def run_conversion() -> dict[str, Any]:
     _record_duration(redis, time.monotonic() - started)
     if result.bytes_written:
         redis.hincrby(COUNTERS_KEY, "conversion_bytes|", result.bytes_written)
+    _add_counters(redis, result.details.get("counters") or {})
     log.info("conversion succeeded", extra={**fields, "target_digest": result.target_digest})
     return {"target_digest": result.target_digest, "bytes_written": result.bytes_written,
-            "details": json.loads(json.dumps(dict(result.details), default=str))}
+            "details": json.loads(json.dumps({k: v for k, v in result.details.items() if k != "counters"},
+                                             default=str))}
+
+
+def _add_counters(redis: Redis, counts: Mapping[tuple[str, str], int]) -> None:
+    if counts:
+        with redis.pipeline() as pipe:
+            for (name, label), value in counts.items():
+                pipe.hincrby(COUNTERS_KEY, f"{name}|{label}", value)
+            pipe.execute()
 
 
 def _succeeded(meta: dict[str, Any]) -> bool:

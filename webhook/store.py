@@ -54,6 +54,12 @@ class JobState(str, Enum):
 log = logging.getLogger("webhook.store")
 CHECKPOINT_INTERVAL_S = 1.0
 PENDING_STATES = (JobState.QUEUED.value, JobState.FAILED.value)
+# Columns added after the first release, with their definitions, for stores created before them.
+ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT 'push'", "priority": "INTEGER NOT NULL DEFAULT 0",
+                 "action": "TEXT NOT NULL DEFAULT 'convert'"}
+# Lower runs first: live pushes and manual requests are always claimed before backfill jobs.
+ORIGIN_PRIORITY = {"push": 0, "manual": 0, "backfill": 10}
+ACTIONS = ("convert", "delete")
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 SCHEMA = """
@@ -85,7 +91,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT,
     target_digest TEXT,
     bytes_written INTEGER,
-    superseded_by TEXT
+    superseded_by TEXT,
+    origin TEXT NOT NULL DEFAULT 'push',
+    priority INTEGER NOT NULL DEFAULT 0,
+    action TEXT NOT NULL DEFAULT 'convert'
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_image ON jobs(image_key, seq);
@@ -103,6 +112,12 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome TEXT,
     error TEXT,
     PRIMARY KEY (job_id, attempt, started_at)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
@@ -133,10 +148,16 @@ class NewJob:
     rule: str
     options: Mapping[str, Any] = field(default_factory=dict)
     media_type: str | None = None
+    origin: str = "push"  # push (registry event) | manual (API/CLI request) | backfill
+    action: str = "convert"  # convert | delete (mirror a source tag's deletion onto its outputs)
 
     @property
     def image_key(self) -> str:
         return f"{self.registry}/{self.repository}:{self.target_tag}"
+
+    @property
+    def priority(self) -> int:
+        return ORIGIN_PRIORITY.get(self.origin, 0)
 
 
 @dataclass(frozen=True)
@@ -215,6 +236,9 @@ class Job(ImageRefs):
     target_digest: str | None
     bytes_written: int | None
     superseded_by: str | None
+    origin: str = "push"
+    action: str = "convert"
+    priority: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,7 +252,8 @@ class Job(ImageRefs):
             "finished_at": self.finished_at, "lease_owner": self.lease_owner,
             "lease_expires_at": self.lease_expires_at, "last_error": self.last_error,
             "result": {"target_digest": self.target_digest, "bytes_written": self.bytes_written},
-            "superseded_by": self.superseded_by,
+            "superseded_by": self.superseded_by, "origin": self.origin, "action": self.action,
+            "priority": self.priority,
         }
 
 
@@ -265,7 +290,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         finished_at=row["finished_at"], lease_owner=row["lease_owner"], lease_token=row["lease_token"],
         lease_expires_at=row["lease_expires_at"], last_error=row["last_error"],
         target_digest=row["target_digest"], bytes_written=row["bytes_written"],
-        superseded_by=row["superseded_by"],
+        superseded_by=row["superseded_by"], origin=row["origin"], action=row["action"], priority=row["priority"],
     )
 
 
@@ -290,6 +315,7 @@ class JobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         # Every statement is idempotent (IF NOT EXISTS), so concurrent starters cannot conflict.
         conn.executescript(SCHEMA)
+        self._add_columns(conn)
         # Released by close(); a lock rather than an Event so that it also works from an OS thread
         # inside a gevent-patched process (see _native).
         self._stop_lock: _thread.LockType = _native("_thread", "allocate_lock")()
@@ -311,6 +337,18 @@ class JobStore:
             conn.execute("PRAGMA wal_autocheckpoint=0")
             self._local.conn = conn
         return conn
+
+    @staticmethod
+    def _add_columns(conn: sqlite3.Connection) -> None:
+        """Bring a store created by an older version up to the current columns."""
+        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, definition in ADDED_COLUMNS.items():
+            if name not in present:
+                try:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def _checkpoint_loop(self) -> None:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
@@ -420,12 +458,17 @@ class JobStore:
                 return IntakeOutcome("duplicate_event", job_id=seen["job_id"], reason="duplicate_event")
         job = item.job
         latest = conn.execute(
-            "SELECT id, digest, state FROM jobs WHERE image_key = ? AND state != 'superseded' "
+            "SELECT id, digest, state, action, priority FROM jobs WHERE image_key = ? AND state != 'superseded' "
             "ORDER BY seq DESC LIMIT 1", (job.image_key,),
         ).fetchone()
-        if latest is not None and latest["digest"] == job.digest and latest["state"] != JobState.DEAD.value:
+        if (latest is not None and latest["digest"] == job.digest and latest["action"] == job.action
+                and latest["state"] != JobState.DEAD.value):
             # Same digest already queued, running or converted for this tag: one job is enough. A dead
             # job does not count, so re-pushing is a way to try again.
+            if latest["state"] == JobState.QUEUED.value and job.priority < latest["priority"]:
+                # A live push of what a backfill job waits for: the job takes the push's place in line.
+                conn.execute("UPDATE jobs SET priority = ?, origin = ?, updated_at = ? WHERE id = ?",
+                             (job.priority, job.origin, now, latest["id"]))
             if item.event_id is not None:
                 conn.execute("INSERT INTO events(event_id, job_id, received_at) VALUES (?, ?, ?)",
                              (item.event_id, latest["id"], now))
@@ -441,11 +484,11 @@ class JobStore:
             )
         conn.execute(
             "INSERT INTO jobs(id, state, source, event_id, registry, repository, tag, digest, media_type, "
-            "target_tag, image_key, rule, options, created_at, updated_at, next_attempt_at) "
-            "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "target_tag, image_key, rule, options, created_at, updated_at, next_attempt_at, origin, priority, "
+            "action) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, item.source, item.event_id, job.registry, job.repository, job.tag, job.digest,
              job.media_type, job.target_tag, job.image_key, job.rule,
-             json.dumps(dict(job.options), sort_keys=True), now, now, now),
+             json.dumps(dict(job.options), sort_keys=True), now, now, now, job.origin, job.priority, job.action),
         )
         if item.event_id is not None:
             conn.execute("INSERT INTO events(event_id, job_id, received_at) VALUES (?, ?, ?)",
@@ -505,7 +548,7 @@ class JobStore:
         """Take the next due job (or one whose lease expired) and lease it to `worker`.
 
         A job is skipped while another job for the same target tag is running, so one image is
-        converted by one worker at a time.
+        converted by one worker at a time. Lower `priority` first: live pushes before backfill jobs.
         """
         now = time.time() if now is None else now
         with self._tx() as conn:
@@ -515,7 +558,7 @@ class JobStore:
                 " OR (j.state = 'running' AND j.lease_expires_at < :now)) "
                 "AND NOT EXISTS (SELECT 1 FROM jobs AS r WHERE r.image_key = j.image_key "
                 "  AND r.state = 'running' AND r.lease_expires_at >= :now AND r.id != j.id) "
-                "ORDER BY j.next_attempt_at, j.seq LIMIT 1",
+                "ORDER BY j.priority, j.next_attempt_at, j.seq LIMIT 1",
                 {"now": now},
             ).fetchone()
             if row is None:
@@ -619,6 +662,42 @@ class JobStore:
             self._bump(conn, "manual_retries", "")
         return self.get(job_id)
 
+    # -- runs (backfills) and extra counters --------------------------------------------------------
+
+    def add_counters(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Add to the counters /metrics reports, e.g. {("backfill_tags", "queued"): 3}."""
+        if counts:
+            with self._tx() as conn:
+                for (name, label), by in counts.items():
+                    self._bump(conn, name, label, by)
+
+    def save_run(self, run_id: str, kind: str, data: Mapping[str, Any], now: float | None = None) -> None:
+        """Create or replace the record of a run (a backfill's filters and progress)."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute("INSERT INTO runs(id, kind, created_at, data) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(id) DO UPDATE SET data = excluded.data",
+                         (run_id, kind, now, json.dumps(dict(data), sort_keys=True)))
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT data FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return json.loads(row["data"]) if row is not None else None
+
+    def list_runs(self, kind: str, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT data FROM runs WHERE kind = ? ORDER BY created_at DESC LIMIT ?",
+                                    (kind, limit))
+        return [json.loads(r["data"]) for r in rows]
+
+    def job_states(self, job_ids: Sequence[str]) -> dict[str, int]:
+        """How many of `job_ids` are in each state (pruned jobs are not counted)."""
+        counts = {s.value: 0 for s in JobState}
+        rows = self._conn().execute(
+            "SELECT state, COUNT(*) AS n FROM jobs WHERE id IN (SELECT value FROM json_each(?)) GROUP BY state",
+            (json.dumps(list(job_ids)),))
+        for row in rows:
+            counts[row["state"]] = row["n"]
+        return counts
+
     def prune_jobs(self, older_than: float) -> int:
         """Delete finished jobs (succeeded, dead, superseded) last changed before `older_than`, with their
         attempt log and delivery ids; queued, running and failed-awaiting-retry jobs are never touched."""
@@ -627,6 +706,7 @@ class JobStore:
             for table in ("attempts", "events"):
                 conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE {finished})",
                              (older_than,))
+            conn.execute("DELETE FROM runs WHERE created_at < ?", (older_than,))
             return conn.execute(f"DELETE FROM jobs WHERE {finished}", (older_than,)).rowcount
 
     def prune_events(self, older_than: float) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from webhook.backend import LeasedJobStore
 from webhook.config import Config, RegistrySettings
-from webhook.conversion import ConversionRequest, ConvertFn
+from webhook.conversion import ConversionRequest, ConvertFn, perform
 from webhook.retry import LeaseLost, RetryPolicy
 from webhook.store import Job
 
@@ -96,7 +96,7 @@ class Worker:
         request = ConversionRequest(
             job_id=job.id, registry=job.registry, repository=job.repository, tag=job.tag,
             digest=job.digest, target_tag=job.target_tag, options=job.options,
-            registry_settings=self.registries.get(job.registry), attempt=job.attempts,
+            registry_settings=self.registries.get(job.registry), attempt=job.attempts, action=job.action,
         )
         self.current_request = request
         log.info("conversion started", extra=_job_fields(job))
@@ -104,7 +104,7 @@ class Worker:
         keeper.start()
         started = time.monotonic()
         try:
-            result = self.convert(request)
+            result = perform(request, self.convert)
             if keeper.lost:
                 raise LeaseLost("lease expired during the conversion")
         except Exception as error:
@@ -114,6 +114,9 @@ class Worker:
         finally:
             keeper.stopped.set()
         if self.store.succeed(job, result.target_digest, result.bytes_written):
+            counters = result.details.get("counters")
+            if counters:
+                self.store.add_counters(counters)
             log.info("conversion succeeded", extra={**_job_fields(job), "target_digest": result.target_digest,
                                                      "seconds": round(time.monotonic() - started, 3)})
         else:
