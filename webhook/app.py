@@ -37,7 +37,7 @@ def create_app(config: Config, store: JobBackend | None = None) -> Flask:
     if not config.secrets:
         raise ConfigError("no webhook secret configured: every hook and API call needs one "
                           "(set `secrets`, OBD_WEBHOOK_SECRETS, or call ensure_secret() first)")
-    from webhook import api, hooks, ops, ui  # blueprints import `services` from here
+    from webhook import api, hooks, lifecycle_api, ops, ui  # blueprints import `services` from here
 
     if store is None and config.queue == "redis":
         from webhook.redis_queue import backend_for  # only redis deployments need redis and rq
@@ -51,6 +51,7 @@ def create_app(config: Config, store: JobBackend | None = None) -> Flask:
     app.register_blueprint(ops.blueprint)
     app.register_blueprint(hooks.blueprint)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(lifecycle_api.blueprint)
     app.register_blueprint(ui.blueprint)
 
     @app.before_request

@@ -3,6 +3,8 @@
   obd-webhook serve [--no-workers]   HTTP front end (gunicorn) + conversion workers, one command
   obd-webhook worker                 conversion workers only (scale out / separate deployment)
   obd-webhook snippets               print the registry configuration snippets again
+  obd-webhook backfill [--dry-run]   convert the tags the registry already holds (queued behind live pushes)
+  obd-webhook stale [--reconvert|--delete]   list (and fix) outputs whose source tag is gone or moved
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from webhook.backend import JobBackend
 from webhook.config import Config, ConfigError, ensure_secret, load_config
 from webhook.logs import configure_logging
 
@@ -43,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, help="worker threads (default: `workers` setting)")
     snippets = sub.add_parser("snippets", parents=[common], help="print registry configuration snippets")
     snippets.add_argument("--listen", help="HOST:PORT the registry should call")
+    backfill = sub.add_parser("backfill", parents=[common], help="queue conversions of existing tags")
+    stale = sub.add_parser("stale", parents=[common], help="report outputs whose source is gone or moved")
+    for command in (backfill, stale):
+        command.add_argument("--registry", help="registry host[:port] (default: the only one configured)")
+        command.add_argument("--repository", action="append", metavar="GLOB",
+                             help="repository name or glob; repeatable (default: all, from the catalog)")
+        command.add_argument("--json", action="store_true", help="print JSON instead of text")
+    backfill.add_argument("--tag", action="append", metavar="GLOB", help="tag glob; repeatable (default: all)")
+    backfill.add_argument("--dry-run", action="store_true", help="print what would be queued; queue nothing")
+    backfill.add_argument("--limit", type=int, help="queue at most N jobs")
+    fix = stale.add_mutually_exclusive_group()
+    fix.add_argument("--reconvert", action="store_true", help="queue conversions of the moved sources")
+    fix.add_argument("--delete", action="store_true", help="queue deletions of outputs whose source is gone")
     return parser
 
 
@@ -60,9 +76,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def mirrors_deletes(config: Config) -> bool:
+    return any(rule.delete_mirror for rule in config.rules)
+
+
 def distribution_snippet(config: Config, secret: str) -> str:
-    """The `notifications` block for a Distribution registry's config.yml."""
-    return f"""\
+    """The `notifications` block for a Distribution registry's config.yml. With delete mirroring on, the
+    registry must send delete events (and allow deletes: storage.delete.enabled)."""
+    ignored = "[pull, mount]" if mirrors_deletes(config) else "[pull, mount, delete]"
+    storage = ("storage:\n  delete:\n    enabled: true   # delete mirroring removes outputs through the API\n"
+               if mirrors_deletes(config) else "")
+    return storage + f"""\
 notifications:
   events:
     includereferences: true
@@ -76,19 +100,21 @@ notifications:
       backoff: 1s
       ignoredmediatypes: [application/octet-stream]   # needed on 2.8.x for the action filter to apply
       ignore:
-        actions: [pull, mount, delete]
+        actions: {ignored}
 """
 
 
 def harbor_policy(config: Config, secret: str) -> dict[str, object]:
     """The body of Harbor's `POST /api/v2.0/projects/<project>/webhook/policies`."""
-    return {"name": "obd-autoconvert", "enabled": True, "event_types": ["PUSH_ARTIFACT"],
+    events = ["PUSH_ARTIFACT", "DELETE_ARTIFACT"] if mirrors_deletes(config) else ["PUSH_ARTIFACT"]
+    return {"name": "obd-autoconvert", "enabled": True, "event_types": events,
             "targets": [{"type": "http", "address": f"http://{config.listen}/hooks/harbor",
                          "auth_header": f"Bearer {secret}", "payload_format": "Default"}]}
 
 
 def snippets_text(config: Config, secret: str, origin: str) -> str:
     policy = json.dumps(harbor_policy(config, secret))
+    events = "Artifact pushed, Artifact deleted" if mirrors_deletes(config) else "Artifact pushed"
     return f"""\
 Webhook secret ({origin}; `obd-webhook snippets` prints all this again):
 
@@ -100,7 +126,7 @@ Docker Distribution / GitLab registry, config.yml:
 Harbor (project > Webhooks > New webhook, or the API):
 
   Endpoint URL: http://{config.listen}/hooks/harbor      Auth header: Bearer {secret}
-  Event type: Artifact pushed            Payload format: Default or CloudEvents
+  Event type: {events}            Payload format: Default or CloudEvents
 
   curl -u admin -H 'Content-Type: application/json' -X POST \\
     https://<harbor>/api/v2.0/projects/<project>/webhook/policies -d '{policy}'
@@ -208,6 +234,85 @@ def snippets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(config: Config) -> JobBackend:
+    if config.queue == "redis":
+        from webhook.redis_queue import backend_for
+
+        return backend_for(config)
+    from webhook.store import JobStore
+
+    return JobStore(config.db_path, synchronous=config.sqlite_synchronous)
+
+
+def backfill(args: argparse.Namespace) -> int:
+    """Runs the walk in this process against the service's job store; the service's workers convert."""
+    from webhook.backfill import BackfillRequest, progress_view, run_backfill
+    from webhook.lifecycle_api import BadRequest, default_registry
+
+    config = load_config(env={**os.environ, **_overrides(args)})
+    configure_logging(config.log_format, config.log_level)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit: expected a positive number")
+    try:
+        registry = default_registry(config, args.registry)
+    except BadRequest:
+        raise ConfigError("--registry: name the registry (more or fewer than one is configured)") from None
+    request = BackfillRequest(registry=registry, repositories=tuple(args.repository or ["*"]),
+                              tags=tuple(args.tag or ["*"]), dry_run=args.dry_run, limit=args.limit)
+    store = _store(config)
+    progress = run_backfill(config, store, request)
+    view = progress_view(store, {**progress.record(), "would_queue": progress.would_queue})
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        if args.dry_run:
+            print(f"dry run: would queue {progress.queued} conversion(s):")
+            for reference in progress.would_queue:
+                print(f"  {reference}")
+        else:
+            print(f"backfill {progress.id}: queued {progress.queued} conversion(s)")
+        print(f"listed {progress.tags} tag(s) in {progress.repositories} repositories; skipped: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(progress.skipped.items())) or "none"))
+        if progress.error:
+            print(f"failed: {progress.error}", file=sys.stderr)
+    return 0 if progress.state == "finished" else 1
+
+
+def stale(args: argparse.Namespace) -> int:
+    from webhook.lifecycle import find_stale, fix_intakes, stale_counters
+    from webhook.lifecycle_api import BadRequest, default_registry
+
+    config = load_config(env={**os.environ, **_overrides(args)})
+    configure_logging(config.log_format, config.log_level)
+    try:
+        registry = default_registry(config, args.registry)
+    except BadRequest:
+        raise ConfigError("--registry: name the registry (more or fewer than one is configured)") from None
+    found = find_stale(config, registry, tuple(args.repository or ["*"]))
+    store = _store(config)
+    store.add_counters(stale_counters(found))
+    fix = "reconvert" if args.reconvert else "delete" if args.delete else None
+    queued: list[str] = []
+    skipped: list[dict] = []
+    if fix is not None:
+        intakes, skipped = fix_intakes(config, found, fix)
+        outcomes = store.record(intakes) if intakes else []
+        queued = [o.job_id for o in outcomes if o.job_id is not None]
+    if args.json:
+        print(json.dumps({"stale": [s.to_dict() for s in found], "queued": queued, "skipped": skipped}, indent=2))
+        return 0
+    for entry in found:
+        now = entry.current_digest or "gone"
+        print(f"{entry.registry}/{entry.repository}:{entry.tag}  {entry.reason}  "
+              f"(made from {entry.recorded_digest[:19]}, {entry.source_tag} now {now[:19]})")
+    print(f"{len(found)} stale output(s)")
+    if fix is not None:
+        print(f"queued {len(queued)} {fix} job(s)")
+        for item in skipped:
+            print(f"  not fixed: {item['reference']}: {item['why']}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -215,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "worker":
             return worker(args)
+        if args.command == "backfill":
+            return backfill(args)
+        if args.command == "stale":
+            return stale(args)
         return snippets(args)
     except ConfigError as exc:
         print(f"obd-webhook: configuration error: {exc}", file=sys.stderr)

@@ -169,6 +169,13 @@ def _harbor_resources(data: Mapping[str, Any], action: str, event_id: str,
         url = _str(resource.get("resource_url")) or ""
         # resource_url = "<ext host>/<repo_full_name>:<tag>" or "...@<digest>" (Harbor's external URL).
         registry = url.split("/", 1)[0] if "/" in url else ""
+        if action == "delete" and isinstance(resource.get("tags"), list):
+            # DELETE_ARTIFACT may name every tag the deleted artifact had: one event per tag.
+            tags = [t for t in resource["tags"] if isinstance(t, str) and t]
+            events.extend(RegistryEvent("harbor", f"{sub_id}:{t}", action, registry, full_name, t,
+                                        _str(resource.get("digest")), None, actor=operator) for t in tags)
+            if tags:
+                continue
         events.append(RegistryEvent(
             source="harbor",
             event_id=sub_id,

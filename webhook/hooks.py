@@ -32,6 +32,10 @@ blueprint = Blueprint("hooks", __name__, url_prefix="/hooks")
 
 
 def intake_for(event: RegistryEvent, config: Config) -> Intake:
+    if event.action == "delete":
+        from webhook.lifecycle import delete_intake  # delete mirroring (rule option delete_mirror)
+
+        return delete_intake(event, config)
     decision = decide(event, config)
     if decision.rule is None or event.tag is None or event.digest is None:
         return Intake(source=event.source, event_id=event.event_id, reason=decision.reason)

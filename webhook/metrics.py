@@ -35,6 +35,15 @@ class StoreCollector:
             "events_ignored": CounterMetricFamily(
                 f"{PREFIX}_events_ignored", "Events answered 2xx without a new job, by reason.",
                 labels=["reason"]),
+            "backfill_tags": CounterMetricFamily(
+                f"{PREFIX}_backfill_tags", "Tags seen by backfills: listed, queued, skipped_<reason>.",
+                labels=["outcome"]),
+            "mirror_deletes": CounterMetricFamily(
+                f"{PREFIX}_mirror_deletes", "Output tags handled by delete mirroring, by outcome "
+                "(deleted, absent, not_ours, shared, source_exists).", labels=["outcome"]),
+            "stale_found": CounterMetricFamily(
+                f"{PREFIX}_stale_found", "Stale outputs found by stale reports (source_gone, source_moved).",
+                labels=["reason"]),
         }
         scalars = {
             "retries": CounterMetricFamily(f"{PREFIX}_conversion_retries", "Attempts scheduled for a retry."),

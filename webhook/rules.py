@@ -35,7 +35,7 @@ ACCESSORY_TAG = re.compile(r"^sha256-[0-9a-f]{64}(\..*)?$|\.(sig|att|sbom)$")
 REASONS = (
     "malformed", "not_push", "blob", "untagged", "tag_is_digest", "no_digest", "own_actor",
     "own_user_agent", "output_tag", "already_overlaybd", "not_image", "no_matching_rule",
-    "duplicate_event", "duplicate_image",
+    "duplicate_event", "duplicate_image", "delete_mirror_off",
 )
 
 

@@ -8,6 +8,7 @@ from flask import Blueprint, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from webhook.app import services
+from webhook.backfill import RUN_KIND, progress_view
 from webhook.store import JobState
 
 blueprint = Blueprint("ui", __name__, template_folder="templates")
@@ -29,6 +30,7 @@ def status() -> str:
     state_name = request.args.get("state") or None
     state = JobState(state_name) if state_name in {s.value for s in JobState} else None
     store = services().store
+    backfills = [progress_view(store, r) for r in store.list_runs(RUN_KIND, limit=5)]
     return render_template("status.html", jobs=store.list_jobs(state, limit=200),
                            counts=store.counts_by_state(), state=state, when=_when,
-                           states=[s.value for s in JobState])
+                           states=[s.value for s in JobState], backfills=backfills)
