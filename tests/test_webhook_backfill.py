@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import requests
 
 from converter.pipeline import convert
 from converter.registry import DOCKER_LIST, OCI_INDEX, NotFoundError
 from tests.harness.httpserver import QuietHandler, serve_in_background, stop_server
+from tests.harness.oci import build_layout, push_image
+from tests.harness.registry import Endpoint
 from tests.lifecycle_helpers import (
     AUTH,
     annotations,
@@ -26,10 +29,12 @@ from tests.lifecycle_helpers import (
     push_image_tag,
     retag,
     service_config,
+    tiny_image,
     worker_for,
     write_config,
 )
-from tests.test_webhook_support import wait_until
+from tests.test_webhook_redis import RedisServer
+from tests.test_webhook_support import SECRET, ServeProcess, read_records, wait_until
 from webhook.app import create_app
 from webhook.backfill import BackfillRequest, run_backfill
 from webhook.cli import main
@@ -266,3 +271,66 @@ def test_backfill_api_starts_in_background_and_validates(prefilled, tmp_path: Pa
     assert len(view["would_queue"]) == 4 and store.list_jobs() == []
     runs = http.get("/api/v1/backfill", headers=AUTH).get_json()["runs"]
     assert [r["id"] for r in runs] == [run_id]
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    if request.param == "embedded":
+        yield {}
+        return
+    server = RedisServer(tmp_path / "redis").start()
+    yield {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url}
+    server.stop()
+
+
+def test_live_pushes_are_converted_before_the_remaining_backfill_jobs(registry_factory, tmp_path: Path,
+                                                                      queue_env: dict[str, str]) -> None:
+    """One worker, ten backfill jobs of half a second each; two pushes arrive while they run. Every job
+    that starts after a push has been accepted is a live one, until both live ones have started."""
+    record = tmp_path / "record.jsonl"
+    service = ServeProcess(tmp_path / "data", {
+        "OBD_WEBHOOK_CONVERT_CALLABLE": "tests.test_webhook_support:recording_convert",
+        "OBD_TEST_RECORD": str(record), "OBD_TEST_CONVERT_SECONDS": "0.5", "OBD_WEBHOOK_WORKERS": "1",
+        "TMPDIR": str(tmp_path), **queue_env})
+    registry = registry_factory(notifications=[Endpoint(
+        url=service.url + "/hooks/distribution", headers={"Authorization": [f"Bearer {SECRET}"]})])
+    service.env["OBD_WEBHOOK_CONFIG"] = str(write_config(registry, tmp_path, [{"name": "team",
+                                                                              "repositories": ["team/*"]}]))
+    client = client_for(registry)
+    # Tags that were there before the service: pushed with the service's own client, whose events the
+    # service ignores as its own (user agent), so only the backfill finds them.
+    for n in range(10):
+        push_image_tag(client, tmp_path, "team/bulk", f"b{n}", f"bulk {n}")
+    service.start()
+    try:
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, timeout=30,
+                   what="prefill events delivered")
+        started = requests.post(service.url + "/api/v1/backfill", json={"wait": True}, headers=AUTH, timeout=60)
+        assert started.status_code == 200 and started.json()["queued"] == 10, started.text
+        wait_until(lambda: len(read_records(record)) >= 1, timeout=30, what="first backfill job started")
+        for tag in ("l1", "l2"):
+            built = build_layout(tmp_path / f"live-{tag}", tiny_image(f"live {tag}"))
+            push_image(built, registry, f"team/live:{tag}")
+
+        def jobs() -> list[dict]:
+            return requests.get(service.url + "/api/v1/conversions?limit=100", headers=AUTH, timeout=5).json()["jobs"]
+
+        wait_until(lambda: len(jobs()) == 12 and all(j["state"] == "succeeded" for j in jobs()), timeout=90,
+                   what="all twelve jobs converted")
+        all_jobs = jobs()
+        live = [j for j in all_jobs if j["origin"] == "push"]
+        backfill = [j for j in all_jobs if j["origin"] == "backfill"]
+        assert sorted(j["tag"] for j in live) == ["l1", "l2"] and len(backfill) == 10
+        for job in live:
+            jumped = [b["tag"] for b in backfill if job["created_at"] < b["first_attempt_at"] < job["first_attempt_at"]]
+            assert jumped == [], f"backfill jobs {jumped} started while live {job['tag']} waited"
+        last_live_start = max(j["first_attempt_at"] for j in live)
+        assert any(b["first_attempt_at"] > last_live_start for b in backfill), "backfill had finished already"
+        starts = [r["job"] for r in read_records(record) if r["event"] == "start"]
+        order = {j["id"]: j["origin"] for j in all_jobs}
+        first_live = next(i for i, job_id in enumerate(starts) if order[job_id] == "push")
+        assert [order[j] for j in starts[first_live:first_live + 2]] == ["push", "push"]
+        assert "backfill" in [order[j] for j in starts[first_live + 2:]]
+    finally:
+        service.stop()
+        client.close()
