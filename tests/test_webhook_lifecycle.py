@@ -234,3 +234,42 @@ def test_harbor_delete_artifact_becomes_delete_jobs(tmp_path: Path) -> None:
     by_digest = {**payload, "event_data": {**payload["event_data"], "resources": [
         {"digest": digest, "tag": digest, "resource_url": f"harbor.example/proj/app@{digest}"}]}}
     assert [delete_intake(e, config).reason for e in parse_harbor(by_digest)] == ["untagged"]
+
+
+def test_store_created_before_origins_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from webhook.store import NewJob
+
+    path = tmp_path / "old.sqlite3"
+    old_schema = ("CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, state TEXT NOT NULL, "
+                  "source TEXT NOT NULL, event_id TEXT, registry TEXT NOT NULL, repository TEXT NOT NULL, "
+                  "tag TEXT NOT NULL, digest TEXT NOT NULL, media_type TEXT, target_tag TEXT NOT NULL, "
+                  "image_key TEXT NOT NULL, rule TEXT NOT NULL, options TEXT NOT NULL, "
+                  "attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL, "
+                  "first_attempt_at REAL, next_attempt_at REAL NOT NULL, started_at REAL, finished_at REAL, "
+                  "lease_owner TEXT, lease_token TEXT, lease_expires_at REAL, last_error TEXT, target_digest TEXT, "
+                  "bytes_written INTEGER, superseded_by TEXT)")
+    with sqlite3.connect(path) as conn:
+        conn.execute(old_schema)
+        conn.execute("INSERT INTO jobs(id, state, source, registry, repository, tag, digest, target_tag, image_key, "
+                     "rule, options, created_at, updated_at, next_attempt_at) VALUES ('old', 'queued', 'api', "
+                     "'r', 'a', 'v1', 'sha256:x', 'v1_obd', 'r/a:v1_obd', 'default', '{}', 1, 1, 1)")
+    store = JobStore(path)
+    assert (store.get("old").origin, store.get("old").action, store.get("old").priority) == ("push", "convert", 0)
+    from webhook.store import Intake
+
+    store.record([Intake("backfill", job=NewJob("r", "a", "v2", "sha256:y", "v2_obd", "default",
+                                                 origin="backfill"))], now=0.5)
+    claimed = store.claim("w", 60)
+    assert claimed is not None and claimed.id == "old"  # a live job first, although the backfill one is older
+    store.close()
+
+
+def test_walks_only_reach_registries_a_rule_covers(registry, tmp_path: Path) -> None:
+    config = service_config(registry, tmp_path, [{"name": "only", "registries": [registry.host]}])
+    http = create_app(config, JobStore(config.db_path)).test_client()
+    answer = http.post("/api/v1/backfill", json={"registry": "evil.example:443", "wait": True}, headers=AUTH)
+    assert answer.status_code == 400 and "no rule covers it" in answer.get_json()["error"]
+    assert http.get("/api/v1/stale?registry=evil.example:443", headers=AUTH).status_code == 400
+    assert http.get("/api/v1/stale", headers=AUTH).get_json() == {"stale": [], "count": 0}

@@ -156,7 +156,7 @@ def evaluate(config: Config, client: RegistryClient, registry: str, repository: 
         return Candidate(repository, tag, "up_to_date")
     return Candidate(repository, tag, job=NewJob(
         registry=registry, repository=repository, tag=tag, digest=manifest.digest,
-        target_tag=tag + rule.output_suffixes[0], rule=rule.name, options=rule.options,
+        target_tag=tag + rule.suffix, rule=rule.name, options=rule.options,
         media_type=manifest.media_type, origin="backfill"))
 
 

@@ -255,8 +255,8 @@ def backfill(args: argparse.Namespace) -> int:
         raise ConfigError("--limit: expected a positive number")
     try:
         registry = default_registry(config, args.registry)
-    except BadRequest:
-        raise ConfigError("--registry: name the registry (more or fewer than one is configured)") from None
+    except BadRequest as exc:
+        raise ConfigError(f"--registry: {exc}") from None
     request = BackfillRequest(registry=registry, repositories=tuple(args.repository or ["*"]),
                               tags=tuple(args.tag or ["*"]), dry_run=args.dry_run, limit=args.limit)
     store = _store(config)
@@ -286,8 +286,8 @@ def stale(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     try:
         registry = default_registry(config, args.registry)
-    except BadRequest:
-        raise ConfigError("--registry: name the registry (more or fewer than one is configured)") from None
+    except BadRequest as exc:
+        raise ConfigError(f"--registry: {exc}") from None
     found = find_stale(config, registry, tuple(args.repository or ["*"]))
     store = _store(config)
     store.add_counters(stale_counters(found))

@@ -83,10 +83,10 @@ def delete_intake(event: RegistryEvent, config: Config) -> Intake:
 
 def delete_job(registry: str, repository: str, tag: str, rule: Rule, config: Config, *, digest: str = "",
                origin: str) -> NewJob:
-    """The job deleting `tag`'s outputs. Its key is the native output's, so a pending conversion of the
-    tag is superseded by the deletion and a pending deletion by a new push."""
+    """The job deleting `tag`'s outputs. Its key is the one a conversion of the tag has (`<tag><suffix>`),
+    so a pending conversion of the tag is superseded by the deletion and a pending deletion by a new push."""
     return NewJob(registry=registry, repository=repository, tag=tag, digest=digest,
-                  target_tag=tag + rule.output_suffixes[0], rule=rule.name,
+                  target_tag=tag + rule.suffix, rule=rule.name,
                   options={"delete_tags": [tag + s for s in rule.output_suffixes],
                            "output_suffixes": list(config.output_suffixes)},
                   origin=origin, action="delete")
@@ -255,7 +255,7 @@ def fix_intakes(config: Config, found: Sequence[StaleOutput], fix: str) -> tuple
             assert entry.current_digest is not None
             intakes.append(Intake(source="api", job=NewJob(
                 registry=entry.registry, repository=entry.repository, tag=entry.source_tag,
-                digest=entry.current_digest, target_tag=entry.source_tag + rule.output_suffixes[0],
+                digest=entry.current_digest, target_tag=entry.source_tag + rule.suffix,
                 rule=rule.name, options=rule.options, origin="manual")))
         else:
             intakes.append(Intake(source="api", job=delete_job(entry.registry, entry.repository, entry.source_tag,

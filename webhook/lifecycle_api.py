@@ -24,7 +24,7 @@ from webhook.app import services
 from webhook.backfill import RUN_KIND, BackfillRequest, progress_view, run_backfill
 from webhook.config import Config
 from webhook.lifecycle import StaleOutput, find_stale, fix_intakes, stale_counters
-from webhook.registry_access import ListingError
+from webhook.registry_access import ListingError, matches
 
 blueprint = Blueprint("lifecycle", __name__, url_prefix="/api/v1")
 
@@ -38,14 +38,19 @@ def _error(message: str, status: int) -> tuple[Response, int]:
 
 
 def default_registry(config: Config, given: object) -> str:
-    """The registry named in the request, else the only one configured."""
-    if isinstance(given, str) and given:
-        return given
-    if given is not None:
+    """The registry named in the request, else the only one configured; it must be one a rule covers (a
+    walk never reaches out to hosts the service would not convert from)."""
+    if given is not None and not (isinstance(given, str) and given):
         raise BadRequest("registry: expected a host[:port] string")
-    if len(config.registries) == 1:
-        return next(iter(config.registries))
-    raise BadRequest('name the registry: {"registry": "host[:port]"} (more or fewer than one is configured)')
+    if isinstance(given, str):
+        registry = given
+    elif len(config.registries) == 1:
+        registry = next(iter(config.registries))
+    else:
+        raise BadRequest('name the registry: {"registry": "host[:port]"} (more or fewer than one is configured)')
+    if not any(matches(registry, rule.registries) for rule in config.rules):
+        raise BadRequest(f"registry {registry!r}: no rule covers it (rules[].registries)")
+    return registry
 
 
 def _globs(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
