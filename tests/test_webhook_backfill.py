@@ -334,3 +334,35 @@ def test_live_pushes_are_converted_before_the_remaining_backfill_jobs(registry_f
     finally:
         service.stop()
         client.close()
+
+
+def test_backfill_walk_honours_429_retry_after(registry, tmp_path: Path) -> None:
+    from tests.harness.faultproxy import FaultProxy
+
+    client = client_for(registry)
+    push_image_tag(client, tmp_path, "team/web", "v1", "web")
+    client.close()
+    proxy = FaultProxy(int(registry.host.rsplit(":", 1)[1])).start()
+    try:
+        proxy.add("status", method="GET", path="/v2/_catalog", status=429, headers={"Retry-After": "1"}, times=1)
+        proxied = client_for(registry, host=proxy.host)
+        assert list(repositories(proxied, ["*"], page_size=2)) == ["team/web"]
+        assert [e[2] for e in proxy.log if "/v2/_catalog" in e[1]] == [429, 200]
+        proxied.close()
+    finally:
+        proxy.stop()
+
+
+def test_rate_limiter_spaces_request_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waits it asks for, on a frozen clock (no timing in the assertion)."""
+    from converter.registry import client as client_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: 100.0)
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    limiter = client_module.RateLimiter(4.0)
+    for _ in range(4):
+        limiter.wait()
+    assert slept == [0.25, 0.5, 0.75]
+    with pytest.raises(ValueError, match="positive"):
+        client_module.RateLimiter(0)
