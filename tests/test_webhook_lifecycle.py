@@ -273,3 +273,51 @@ def test_walks_only_reach_registries_a_rule_covers(registry, tmp_path: Path) -> 
     assert answer.status_code == 400 and "no rule covers it" in answer.get_json()["error"]
     assert http.get("/api/v1/stale?registry=evil.example:443", headers=AUTH).status_code == 400
     assert http.get("/api/v1/stale", headers=AUTH).get_json() == {"stale": [], "count": 0}
+
+
+def backfill_then_push(store: Any) -> tuple[str, str]:
+    from webhook.store import Intake, NewJob
+
+    job = NewJob("r:5000", "team/app", "v1", "sha256:" + "3" * 64, "v1_obd", "default", origin="backfill")
+    first = store.record([Intake("backfill", job=job)])[0]
+    again = store.record([Intake("distribution", event_id="e1", job=NewJob(**{**vars(job), "origin": "push"}))])[0]
+    assert first.status == "accepted" and again.status == "duplicate_image" and again.job_id == first.job_id
+    return first.job_id, store.get(first.job_id).origin
+
+
+def test_a_push_of_what_a_backfill_job_waits_for_moves_it_to_the_front(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job_id, origin = backfill_then_push(store)
+    assert origin == "push" and store.get(job_id).priority == 0
+    store.close()
+
+
+def test_redis_backend_runs_counters_and_queue_move(tmp_path: Path) -> None:
+    from tests.test_webhook_redis import RedisServer
+    from webhook.redis_queue import BACKFILL_QUEUE_NAME, QUEUE_NAME, backend_for
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        backend = backend_for(Config(data_dir=tmp_path, secrets=(SECRET,), queue="redis", redis_url=server.url))
+        job_id, origin = backfill_then_push(backend)
+        assert origin == "push" and backend.get(job_id).priority == 0
+        assert job_id in backend.queue.job_ids and backend.backfill_queue.job_ids == []
+        from webhook.store import Intake, NewJob
+
+        other = NewJob("r:5000", "team/app", "v2", "sha256:" + "4" * 64, "v2_obd", "default", origin="backfill")
+        queued = backend.record([Intake("backfill", job=other)])[0].job_id
+        assert backend.backfill_queue.job_ids == [queued] and backend.get(queued).origin == "backfill"
+        assert backend.counts_by_state()["queued"] == 2
+        assert {backend.queue.name, backend.backfill_queue.name} == {QUEUE_NAME, BACKFILL_QUEUE_NAME}
+
+        backend.save_run("run-1", "backfill", {"id": "run-1", "queued": 1}, now=1.0)
+        backend.save_run("run-2", "backfill", {"id": "run-2", "queued": 2}, now=2.0)
+        backend.save_run("other", "something", {"id": "other"}, now=3.0)
+        backend.save_run("run-1", "backfill", {"id": "run-1", "queued": 5})
+        assert backend.get_run("run-1") == {"id": "run-1", "queued": 5} and backend.get_run("nope") is None
+        assert [r["id"] for r in backend.list_runs("backfill")] == ["run-2", "run-1"]
+        assert backend.job_states([job_id, queued, "missing"])["queued"] == 2
+        backend.add_counters({("mirror_deletes", "deleted"): 2})
+        assert backend.stats().counters[("mirror_deletes", "deleted")] == 2
+    finally:
+        server.stop()
