@@ -321,3 +321,13 @@ def test_redis_backend_runs_counters_and_queue_move(tmp_path: Path) -> None:
         assert backend.stats().counters[("mirror_deletes", "deleted")] == 2
     finally:
         server.stop()
+
+
+def test_a_run_whose_process_died_reads_as_interrupted(tmp_path: Path) -> None:
+    from webhook.backfill import RUN_KIND, progress_view
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.save_run("r", RUN_KIND, {"id": "r", "state": "running", "updated_at": 1000.0, "job_ids": []})
+    assert progress_view(store, store.get_run("r"), now=1000.0 + 60)["state"] == "running"
+    assert progress_view(store, store.get_run("r"), now=1000.0 + 301)["state"] == "interrupted"
+    store.close()

@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("webhook.backfill")
 RUN_KIND = "backfill"
-STALLED_AFTER_S = 120.0  # a running run not updated for this long died with its process
-SAVE_EVERY_S = 5.0
+STALLED_AFTER_S = 300.0  # a running run not updated for this long died with its process
 MAX_LISTED = 1000  # would-queue references kept in a dry run's record (the CLI prints them all)
 
 
@@ -83,6 +82,12 @@ class Progress:
                 "listed": {"repositories": self.repositories, "tags": self.tags},
                 "skipped": dict(self.skipped), "queued": self.queued, "job_ids": self.job_ids,
                 "would_queue": self.would_queue[:MAX_LISTED], "error": self.error}
+
+
+def save_interval(progress: Progress) -> float:
+    """Seconds between two saves of a running record: 5, growing with the job-id list it rewrites (the
+    record of a 100k-tag backfill is megabytes), never beyond 60 (well inside STALLED_AFTER_S)."""
+    return min(60.0, 5.0 + len(progress.job_ids) / 2000)
 
 
 def tag_reason_without_manifest(config: Config, registry: str, repository: str, tag: str) -> str | None:
@@ -189,7 +194,7 @@ def run_backfill(config: Config, store: JobBackend, request: BackfillRequest, *,
     saved = time.monotonic()
     try:
         for candidate in candidates(config, client, request, progress):
-            if time.monotonic() - saved > SAVE_EVERY_S:  # keeps the record fresh (and "running") on long walks
+            if time.monotonic() - saved > save_interval(progress):  # fresh (and "running") on long walks
                 progress.updated_at = time.time()
                 store.save_run(progress.id, RUN_KIND, progress.record())
                 saved = time.monotonic()
@@ -206,7 +211,6 @@ def run_backfill(config: Config, store: JobBackend, request: BackfillRequest, *,
             if len(batch) >= config.backfill.batch_size:
                 _flush(store, batch, progress)
                 batch = []
-                store.save_run(progress.id, RUN_KIND, progress.record())
         _flush(store, batch, progress)
         progress.state = "finished"
     except Exception as exc:
