@@ -214,7 +214,8 @@ def test_snippets_send_delete_events_only_with_delete_mirroring(tmp_path: Path) 
     on = Config(data_dir=tmp_path, secrets=(SECRET,), rules=(off.rules[0].__class__(delete_mirror=True),))
     assert "actions: [pull, mount, delete]" in distribution_snippet(off, SECRET)
     snippet = distribution_snippet(on, SECRET)
-    assert "actions: [pull, mount]\n" in snippet and "enabled: true" in snippet
+    assert "actions: [pull, mount]\n" in snippet and "#       enabled: true" in snippet
+    assert "enabled" not in distribution_snippet(off, SECRET)
     assert harbor_policy(off, SECRET)["event_types"] == ["PUSH_ARTIFACT"]
     assert harbor_policy(on, SECRET)["event_types"] == ["PUSH_ARTIFACT", "DELETE_ARTIFACT"]
 
@@ -331,3 +332,34 @@ def test_a_run_whose_process_died_reads_as_interrupted(tmp_path: Path) -> None:
     assert progress_view(store, store.get_run("r"), now=1000.0 + 60)["state"] == "running"
     assert progress_view(store, store.get_run("r"), now=1000.0 + 301)["state"] == "interrupted"
     store.close()
+
+
+def test_printed_delete_mirroring_snippet_delivers_deletes_from_a_real_registry(registry_factory,
+                                                                                 tmp_path: Path) -> None:
+    """The `notifications` block `snippets` prints when a rule mirrors deletes, pasted as is into a real
+    registry: pushes and tag deletes arrive, and deleting v1 removes v1_obd."""
+    import yaml
+
+    from webhook.config import Rule
+
+    late = LateApp()
+    with serve_app(late) as url:
+        listen = url.removeprefix("http://")
+        snippet = distribution_snippet(Config(listen=listen, rules=(Rule(delete_mirror=True),)), SECRET)
+        registry = registry_factory(extra_config=yaml.safe_load(snippet))
+        config = service_config(registry, tmp_path, [{"name": "all", "delete_mirror": True}])
+        store = JobStore(config.db_path)
+        late.app = create_app(config, store)
+        push_image(build_layout(tmp_path / "img", tiny_image("snippet")), registry, "snip/app:v1")
+        delivered(registry)
+        worker = worker_for(store, config)
+        assert len(drain(worker)) == 1
+        client = client_for(registry)
+        assert set(client.list_tags("snip/app")) == {"v1", "v1_obd"}
+        delete_tag(client, "snip/app", "v1")
+        delivered(registry)
+        assert [j.action for j in store.list_jobs()] == ["delete", "convert"]
+        drain(worker)
+        with pytest.raises(NotFoundError):
+            client.get_manifest("snip/app", "v1_obd")
+        client.close()

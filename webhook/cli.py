@@ -84,8 +84,9 @@ def distribution_snippet(config: Config, secret: str) -> str:
     """The `notifications` block for a Distribution registry's config.yml. With delete mirroring on, the
     registry must send delete events (and allow deletes: storage.delete.enabled)."""
     ignored = "[pull, mount]" if mirrors_deletes(config) else "[pull, mount, delete]"
-    storage = ("storage:\n  delete:\n    enabled: true   # delete mirroring removes outputs through the API\n"
-               if mirrors_deletes(config) else "")
+    # A comment, not a block: the registry's config.yml already has a `storage:` section to add it to.
+    storage = ("# delete mirroring removes outputs through the API: add to your existing storage section\n"
+               "#   storage:\n#     delete:\n#       enabled: true\n" if mirrors_deletes(config) else "")
     return storage + f"""\
 notifications:
   events:
