@@ -212,7 +212,7 @@ def _harbor_resources(data: Mapping[str, Any], action: str, event_id: str,
         if not isinstance(resource, Mapping):
             events.append(_malformed("harbor", sub_id, f"resources[{index}] is not an object"))
             continue
-        if problem := _within_bounds(resource, depth=4):
+        if problem := _within_bounds(resource, depth=3):
             events.append(_malformed("harbor", sub_id, f"resources[{index}]: {problem}"))
             continue
         full_name = _str(repo.get("repo_full_name"))
