@@ -34,8 +34,9 @@ from tests.test_webhook_support import (
     wait_until,
 )
 from webhook.app import create_app
+from webhook.cli import snippets_text
 from webhook.config import Config, ConfigError, RegistrySettings, RetrySettings, Rule, load_config
-from webhook.conversion import default_convert
+from webhook.conversion import ConversionRequest, default_convert
 from webhook.events import parse_distribution
 from webhook.redis_queue import RedisBackend
 from webhook.retry import RetryPolicy
@@ -338,3 +339,31 @@ def test_forged_host_push_through_a_real_registry_never_makes_the_worker_contact
     finally:
         service.stop()
         trap.close()
+
+
+def test_default_convert_hands_the_engine_registry_and_repository_unparsed(
+        tmp_path: Path, registry, oci_image_builder) -> None:
+    """The conversion hook itself: a single-label registry name reaches the engine as the registry (its
+    endpoint setting says where it is), not as the Docker Hub namespace `docker.io/registry/...`."""
+    digest = push_image(oci_image_builder(app_image()), registry, "solo/app:v1")
+    request = ConversionRequest(
+        job_id="j1", registry="registry", repository="solo/app", tag="v1", digest=digest, target_tag="v1_obd",
+        options={"vsize": VSIZE_GIB, "cache_dir": str(tmp_path / "cache"), "work_dir": str(tmp_path)},
+        registry_settings=RegistrySettings(endpoint=f"http://{registry.host}", insecure=True))
+    result = default_convert(request)
+    assert result.target_ref == "registry/solo/app:v1_obd" and result.target_digest
+    tags = requests.get(f"{registry.url}/v2/solo/app/tags/list", timeout=5).json()["tags"]
+    assert set(tags) == {"v1", "v1_obd"}
+
+
+def test_first_start_snippet_prints_the_line_that_adds_a_registry(tmp_path: Path) -> None:
+    text = snippets_text(Config(listen="127.0.0.1:8080"), SECRET, "generated now")
+    assert "only registries on this machine" in text and "url: http://127.0.0.1:8080/hooks/distribution\n" in text
+    (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("OBD_WEBHOOK_REGISTRIES=")]
+    name, _, value = line.partition("=")
+    config = load_config(None, {name: value.strip("'"), "OBD_WEBHOOK_SECRETS": SECRET})
+    assert configured_registry(config.registries, "registry.example.com:5000") == "registry.example.com:5000"
+    assert configured_registry(config.registries, "127.0.0.1:5000") is None  # the loopback default ends
+    bound = snippets_text(config, SECRET, "stored")
+    assert "url: http://127.0.0.1:8080/hooks/distribution/registry.example.com:5000" in bound
+    assert "/hooks/harbor/registry.example.com:5000" in bound
