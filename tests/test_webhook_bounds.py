@@ -111,6 +111,15 @@ def test_odd_values_in_harbor_and_generic_payloads(client: FlaskClient) -> None:
     body = json.dumps(zot).encode().replace(b'"size": 7', b'"size": ' + b"9" * 5000)
     generic = post_raw(client, "/hooks/generic/127.0.0.1:5101", body).get_json()
     assert generic["accepted"] == [] and generic["ignored"] == {"malformed": 1}
+    # Nesting near the parser's own limit, inside one Harbor resource: 400 or that resource ignored.
+    for depth in (900, 960, 990, 1200):
+        deep = harbor_default(f"d{depth}", digest_of(f"deep{depth}"), host=HOST)
+        deep["event_data"]["resources"].append({"tag": "x"})
+        raw = json.dumps(deep).encode().replace(b'{"tag": "x"}', b"[" * depth + b"]" * depth)
+        response = post_raw(client, "/hooks/harbor", raw)
+        assert response.status_code in (200, 400), (depth, response.get_data(as_text=True)[:300])
+        if response.status_code == 200:
+            assert response.get_json()["ignored"] == {"malformed": 1}
 
 
 # --- item 14: names checked against the distribution grammar at intake -----------------------------
@@ -341,7 +350,15 @@ def _deep(depth: int) -> Any:
        format_=st.sampled_from(["distribution", "harbor", "generic"]), data=st.data())
 def test_fuzzed_payloads_never_500_and_every_valid_event_is_accepted(
         config: Config, valid: list[tuple[str, str]], junk: list[Any], format_: str, data: st.DataObject) -> None:
-    client = create_app(config).test_client()
+    app = create_app(config)
+    try:
+        _post_fuzzed(app.test_client(), valid, junk, format_, data)
+    finally:
+        app.extensions["obd_webhook"].store.close()
+
+
+def _post_fuzzed(client: FlaskClient, valid: list[tuple[str, str]], junk: list[Any], format_: str,
+                 data: st.DataObject) -> None:
     run = uuid.uuid4().hex[:8]
     if format_ == "distribution":
         events = [distribution_event(repository=repo, tag=tag, digest=digest_of(run + repo + tag), host=HOST)

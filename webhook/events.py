@@ -167,14 +167,26 @@ def parse_harbor(payload: Any, content_type: str = "") -> list[RegistryEvent]:
         if kind is None or not isinstance(payload.get("data"), Mapping | None):
             raise PayloadError('CloudEvents payload needs a string "type" and an object "data"')
         action = HARBOR_CLOUDEVENT_TYPES.get(kind, kind.lower())
-        event_id = _event_id("harbor", _str(payload.get("id")), payload)
+        event_id = _str(payload.get("id"))
+        event_id = _event_id("harbor", event_id, payload) if event_id else _harbor_id(payload, "data")
         return _harbor_resources(payload.get("data") or {}, action, event_id, _str(payload.get("operator")))
     kind = _str(payload.get("type"))
     if kind is None or not isinstance(payload.get("event_data"), Mapping | None):
         raise PayloadError('expected a Harbor payload with a string "type" and an object "event_data"')
     action = HARBOR_PUSH_TYPES.get(kind, kind.lower())
-    return _harbor_resources(payload.get("event_data") or {}, action, _body_id("harbor", payload),
+    return _harbor_resources(payload.get("event_data") or {}, action, _harbor_id(payload, "event_data"),
                              _str(payload.get("operator")))
+
+
+def _harbor_id(payload: Mapping[str, Any], container: str) -> str:
+    """The body hash as event id, with out-of-bounds resources (ignored as malformed) replaced by a
+    marker: hashing them could exhaust the encoder's recursion, and they do not identify the delivery."""
+    data = payload.get(container)
+    resources = data.get("resources") if isinstance(data, Mapping) else None
+    if isinstance(data, Mapping) and isinstance(resources, list):
+        safe = [r if _within_bounds(r, depth=3) is None else f"out of bounds #{i}" for i, r in enumerate(resources)]
+        payload = {**payload, container: {**data, "resources": safe}}
+    return _body_id("harbor", payload)
 
 
 def _check_outside(payload: Mapping[str, Any], containers: tuple[str, ...], events_key: str) -> None:
