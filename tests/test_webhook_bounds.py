@@ -399,3 +399,26 @@ def test_fuzz_helpers_produce_what_they_claim() -> None:
     assert settings_.client_options() == {"endpoint": None, "username": None, "password": None,
                                           "insecure": False}
     assert JobState.QUEUED.value == "queued"
+
+
+def test_service_log_lines_clip_messages_and_extra_fields() -> None:
+    import io
+
+    from webhook.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("json", "INFO")
+        stream = io.StringIO()
+        root.handlers[0].stream = stream  # type: ignore[attr-defined]
+        logging.getLogger("webhook.test").warning("entry " + "m" * 100_000,
+                                                  extra={"error": "e" * 100_000, "attempt": 3})
+        logging.getLogger("webhook.test").warning("bad tar entry %s", "n" * 100_000)
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert len(lines) == 2 and all(len(json.dumps(line)) < 3 * CLIPPED for line in lines)
+        assert lines[0]["attempt"] == 3 and lines[0]["error"].endswith("more characters]")
+        assert lines[1]["message"].startswith("bad tar entry nnn") and "more characters]" in lines[1]["message"]
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
