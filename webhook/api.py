@@ -90,9 +90,12 @@ def trigger() -> Response | tuple[Response, int]:
         try:
             digest = _resolve_tag(registry, repository, tag)
         except ConversionError as exc:
-            return _error(f"cannot resolve {registry}/{repository}:{tag} to a digest: {clip(str(exc), 1000)}", 502)
+            return _error(f"cannot resolve {registry}/{repository}:{tag} to a digest: {clip(str(exc), 1000)}",
+                          502)
         if digest is None:
             return _error(f"{registry}/{repository}:{tag} does not exist", 404)
+        if digest_problem(digest):
+            return _error(f"{registry} answered an invalid digest for {repository}:{tag}", 502)
     event = RegistryEvent("api", "", "push", registry, repository, tag, digest, None)
     rule = _pick_rule(body, event)
     if rule is None:

@@ -122,16 +122,18 @@ def decide(event: RegistryEvent, config: Config, bound: str | None = None) -> De
         return _ignore("no_digest")
     if problem := name_problem(event.repository, event.tag, event.digest):
         return _ignore("malformed", problem)
-    registry, refusal = event_registry(event.registry, bound, config.registries)
-    if registry is None:
-        return _ignore(refusal or "host_not_allowed", f"registry {clip(event.registry, 200)!r}")
-    event = replace(event, registry=registry)
     if event.actor and event.actor in config.converter_actors:
         return _ignore("own_actor")
     if event.user_agent and any(event.user_agent.startswith(ua) for ua in config.converter_user_agents):
         return _ignore("own_user_agent")
     if any(event.tag.endswith(suffix) for suffix in config.output_suffixes):
         return _ignore("output_tag")
+    # After the loop checks: our own pushes name the host we reach the registry at (its `endpoint`),
+    # which need not be a configured name, and they should be counted as ours, not as foreign hosts.
+    registry, refusal = event_registry(event.registry, bound, config.registries)
+    if registry is None:
+        return _ignore(refusal or "host_not_allowed", f"registry {clip(event.registry, 200)!r}")
+    event = replace(event, registry=registry)
     if _is_overlaybd(event):
         return _ignore("already_overlaybd")
     if _is_not_image(event):
