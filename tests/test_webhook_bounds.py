@@ -6,6 +6,7 @@ API parameters are validated. Issue 14 items 6, 8, 9, 10, 12 and 14, and a fuzz 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import socket
@@ -32,6 +33,7 @@ from tests.test_webhook_support import (
     envelope,
     harbor_default,
     serve_app,
+    wait_until,
 )
 from webhook.app import create_app
 from webhook.config import Config, RegistrySettings, RetrySettings
@@ -167,7 +169,9 @@ def test_api_checks_names_too(client: FlaskClient) -> None:
 
 
 def huge_failure(request: ConversionRequest) -> ConversionResult:
-    raise PermanentError("layer 1, entry " + "x" * 5_000_000 + ": bad header")
+    """A 5 MB error message, barely compressible (RQ compresses what it stores)."""
+    noise = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(80_000))
+    raise PermanentError("layer 1, entry " + noise + ": bad header")
 
 
 def test_conversion_errors_are_clipped_in_store_api_and_log(config: Config, caplog: pytest.LogCaptureFixture
@@ -425,3 +429,43 @@ def test_service_log_lines_clip_messages_and_extra_fields() -> None:
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_conversion_errors_are_clipped_in_redis_mode_and_unconfigured_registries_refused(tmp_path: Path) -> None:
+    from redis import Redis
+
+    from tests.test_webhook_redis import RedisServer, stop_all, worker_process
+    from webhook.redis_queue import RedisBackend
+
+    server = RedisServer(tmp_path / "redis").start()
+    env = {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url,
+           "OBD_WEBHOOK_CONVERT_CALLABLE": "tests.test_webhook_bounds:huge_failure"}
+    service = ServeProcess(tmp_path / "data", env, args=("--no-workers",)).start()
+    worker = None
+    try:
+        (job_id,) = requests.post(service.url + "/hooks/distribution", headers=AUTH, timeout=5,
+                                  data=envelope(distribution_event(host=HOST))).json()["accepted"]
+        # A job naming `oci:` that did not come through intake (an older version, a hand-made record).
+        config = Config(data_dir=tmp_path / "data", secrets=(SECRET,), queue="redis", redis_url=server.url)
+        layout_job = NewJob(registry="oci:", repository="tmp/x/lay", tag="v1", digest=digest_of("lay"),
+                            target_tag="v1_obd", rule="default")
+        refused_id = RedisBackend(server.url, config).record([Intake("api", job=layout_job)])[0].job_id
+        worker = worker_process(service)
+
+        def job(job_id: str) -> dict:
+            return requests.get(f"{service.url}/api/v1/conversions/{job_id}", headers=AUTH, timeout=5).json()
+
+        wait_until(lambda: job(job_id)["state"] == "dead" and job(refused_id)["state"] == "dead", timeout=60,
+                   what="both jobs dead")
+        dead = job(job_id)
+        assert dead["last_error"].startswith("permanent error: PermanentError: layer 1, entry ")
+        assert len(dead["last_error"]) < CLIPPED and len(dead["attempt_log"][0]["error"]) < CLIPPED
+        assert "not configured" in job(refused_id)["last_error"]
+        redis = Redis.from_url(server.url)
+        stored = sum(redis.memory_usage(key) or 0 for key in redis.keys(f"*{job_id}*"))
+        assert stored < 100_000  # RQ's own failure record holds the clipped message, not 5 MB
+    finally:
+        if worker is not None:
+            stop_all([worker])
+        service.stop()
+        server.stop()
