@@ -341,6 +341,51 @@ def test_forged_host_push_through_a_real_registry_never_makes_the_worker_contact
         trap.close()
 
 
+def test_bound_hook_with_a_single_label_registry_through_a_real_registry_and_the_real_pipeline(
+        tmp_path: Path, registry_factory) -> None:
+    """The recommended setup: the registry's notifications go to `/hooks/distribution/<its name>`; the
+    name is a compose-style single label, the address it is pushed to is an alias, the service reaches
+    it through `endpoint`. A forged Host is ignored; the genuine push becomes a real overlaybd image."""
+    trap = Trap()
+    service = ServeProcess(tmp_path / "data", {"TMPDIR": str(tmp_path)})
+    registry = registry_factory(notifications=[Endpoint(
+        url=f"{service.url}/hooks/distribution/registry", headers={"Authorization": [f"Bearer {SECRET}"]},
+        ignored_mediatypes=["application/octet-stream"], ignore_actions=["pull", "mount", "delete"])])
+    config = tmp_path / "webhook.yaml"
+    config.write_text(yaml.safe_dump({
+        "registries": {"registry": {"endpoint": f"http://{registry.host}", "insecure": True,
+                                    "aliases": [registry.host]}},
+        "rules": [{"name": "all", "options": {"vsize": VSIZE_GIB, "cache_dir": str(tmp_path / "cache"),
+                                              "work_dir": str(tmp_path)}}]}))
+    service.env["OBD_WEBHOOK_CONFIG"] = str(config)
+    service.start()
+    try:
+        layout = build_layout(tmp_path / "img", app_image())
+        digest = push_image(layout, registry, "team/app:v1")
+        raw = requests.get(f"{registry.url}/v2/team/app/manifests/{digest}", timeout=5,
+                           headers={"Accept": OCI_MANIFEST}).content
+        _push_manifest_with_host(registry, "team/app", "forged", raw, OCI_MANIFEST, f"127.0.0.1:{trap.port}")
+
+        def jobs() -> list[dict]:
+            return requests.get(service.url + "/api/v1/conversions", headers=AUTH, timeout=5).json()["jobs"]
+
+        wait_until(lambda: [j["state"] for j in jobs()] == ["succeeded"], timeout=180, interval=0.3,
+                   what="the genuine push converted")
+        wait_until(lambda: registry.notification_metrics().get("Pending", 1) == 0, what="events delivered")
+        metrics = requests.get(service.url + "/metrics", headers=AUTH, timeout=5).text
+        assert 'obd_webhook_events_ignored_total{reason="host_not_allowed"} 1.0' in metrics
+        assert 'obd_webhook_events_ignored_total{reason="own_user_agent"} 1.0' in metrics  # our own push
+        (job,) = jobs()
+        assert (job["registry"], job["repository"], job["target_ref"]) == ("registry", "team/app",
+                                                                           "registry/team/app:v1_obd")
+        assert trap.connections == 0
+        tags = requests.get(f"{registry.url}/v2/team/app/tags/list", timeout=5).json()["tags"]
+        assert set(tags) == {"v1", "forged", "v1_obd"}
+    finally:
+        service.stop()
+        trap.close()
+
+
 def test_default_convert_hands_the_engine_registry_and_repository_unparsed(
         tmp_path: Path, registry, oci_image_builder) -> None:
     """The conversion hook itself: a single-label registry name reaches the engine as the registry (its
