@@ -356,12 +356,13 @@ def test_fuzzed_payloads_never_500_and_every_valid_event_is_accepted(
         config: Config, valid: list[tuple[str, str]], junk: list[Any], format_: str, data: st.DataObject) -> None:
     # A fresh store per example: every example's valid events must be accepted, not found as duplicates
     # of an earlier example's (and nothing random in the test body, so CI replays exactly).
-    with tempfile.TemporaryDirectory() as data_dir:
-        app = create_app(dataclasses.replace(config, data_dir=Path(data_dir)))
-        try:
-            _post_fuzzed(app.test_client(), valid, junk, format_, data)
-        finally:
-            app.extensions["obd_webhook"].store.close()
+    # (Left for pytest's tmp_path cleanup: the store's checkpoint thread may still touch its files.)
+    data_dir = Path(tempfile.mkdtemp(prefix="example-", dir=config.data_dir.parent))
+    app = create_app(dataclasses.replace(config, data_dir=data_dir))
+    try:
+        _post_fuzzed(app.test_client(), valid, junk, format_, data)
+    finally:
+        app.extensions["obd_webhook"].store.close()
 
 
 def _post_fuzzed(client: FlaskClient, valid: list[tuple[str, str]], junk: list[Any], format_: str,
