@@ -690,15 +690,18 @@ class _Conversion:
                   seconds=time.monotonic() - started)
 
 
-def convert(source: str, target: str, options: ConvertOptions | Mapping[str, Any] | None = None) -> ConvertResult:
+def convert(source: str | Location, target: str | Location,
+            options: ConvertOptions | Mapping[str, Any] | None = None) -> ConvertResult:
     """Convert `source` (registry reference or `oci:PATH[:TAG]`) and publish it as `target` (same forms).
+    Either may also be a `Location` built from its parts (`transport.registry_location`, the webhook's way).
 
     `options` may be a ConvertOptions or a mapping of its fields (the webhook passes its rule options plus a
     "registry" mapping). Raises TransientError/PermanentError subclasses (converter.errors); on any error no
     tag is pushed.
     """
     opts = ConvertOptions.coerce(options)
-    src_loc, dst_loc = parse_location(source), parse_location(target)
+    src_loc = source if isinstance(source, Location) else parse_location(source)
+    dst_loc = target if isinstance(target, Location) else parse_location(target)
     if opts.upload and not dst_loc.tag:
         raise ImageError(f"target {target!r} needs a tag (e.g. {target}:latest_obd)")
     clients: dict[str, Any] = {}

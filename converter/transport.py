@@ -28,6 +28,7 @@ from .registry import (
     OCI_INDEX,
     Credentials,
     DigestMismatchError,
+    InvalidReferenceError,
     Manifest,
     NotFoundError,
     Reference,
@@ -35,7 +36,7 @@ from .registry import (
     RetryPolicy,
     parse_reference,
 )
-from .registry.reference import DIGEST_RE
+from .registry.reference import _HOST_RE, DIGEST_RE, MAX_REPOSITORY, REPOSITORY_RE, TAG_RE
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -101,6 +102,22 @@ def parse_location(text: str) -> Location:
     if text.startswith("docker://"):
         text = text[len("docker://"):]
     return Location(reference=parse_reference(text))
+
+
+def registry_location(registry: str, repository: str, *, tag: str | None = None,
+                      digest: str | None = None) -> Location:
+    """A registry location from its parts, never from a parsed string: a single-label host such as
+    `registry` (a compose or Kubernetes service) stays the registry instead of becoming a Docker Hub
+    namespace, and nothing here can name an `oci:` layout. Each part must match the reference grammar."""
+    if not _HOST_RE.fullmatch(registry):
+        raise InvalidReferenceError(f"invalid registry host {registry[:200]!r} (expected host[:port])")
+    if len(repository) > MAX_REPOSITORY or not REPOSITORY_RE.fullmatch(repository):
+        raise InvalidReferenceError(f"invalid repository {repository[:300]!r}")
+    if tag is not None and not TAG_RE.fullmatch(tag):
+        raise InvalidReferenceError(f"invalid tag {tag[:200]!r}")
+    if digest is not None and not DIGEST_RE.fullmatch(digest):
+        raise InvalidReferenceError(f"invalid digest {digest[:200]!r}")
+    return Location(reference=Reference(registry, repository, tag, digest))
 
 
 class VerifyingReader(io.RawIOBase):

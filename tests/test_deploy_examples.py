@@ -46,5 +46,6 @@ def test_kubernetes_manifests(tmp_path: Path) -> None:
     config = load_config(config_file, env={"OBD_WEBHOOK_SECRETS": "x" * 32})
     assert config.queue == "redis" and config.redis_url == "redis://obd-redis:6379/0"
     assert config.rules[0].options["work_dir"] == "/work"
+    assert set(config.registries) == {"registry.example.com"}  # without it only loopback registries are allowed
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     assert services == {"obd-webhook", "obd-redis"}

@@ -15,7 +15,7 @@ from tests.test_webhook_support import (
     harbor_cloudevent,
     harbor_default,
 )
-from webhook.config import Config, ConfigError, Rule, ensure_secret, load_config
+from webhook.config import Config, ConfigError, RegistrySettings, Rule, ensure_secret, load_config
 from webhook.events import PayloadError, parse_distribution, parse_generic, parse_harbor
 from webhook.rules import decide
 
@@ -41,7 +41,11 @@ CAPTURED_INDEX_PUSH = {"events": [{
     "source": {"addr": "vm:5291", "instanceID": "e0c4e663-d5ff-4d46-a312-16577211da91"},
 }]}
 
-CONFIG = Config(secrets=("s" * 20,), converter_actors=("robot$obd",))
+# Every host these payloads name is a configured registry (webhook.trust): the tests below are about
+# parsing and rules; the trust model has its own tests in test_webhook_trust.py.
+REGISTRIES = {host: RegistrySettings() for host in (
+    "127.0.0.1:5291", "127.0.0.1:5101", "hub.harbor.com", "harbor.dev", "zot.local:5000", "z:1", "other:5000")}
+CONFIG = Config(secrets=("s" * 20,), converter_actors=("robot$obd",), registries=REGISTRIES)
 
 
 def _reason(event_dict: dict, config: Config = CONFIG) -> str | None:
@@ -156,7 +160,7 @@ def test_zot_structured_and_binary_cloudevents() -> None:
 
 
 def test_rules_globs_regex_excludes_and_order() -> None:
-    config = Config(secrets=("s" * 20,), rules=(
+    config = Config(secrets=("s" * 20,), registries=REGISTRIES, rules=(
         Rule(name="skip-tmp", repositories=("tmp/*",), tags=("*",), exclude_repositories=("tmp/*",)),
         Rule(name="releases", repositories=("team/*",), tag_regex=r"v\d+(\.\d+)*", suffix="_accel",
              options={"oci": True}),

@@ -33,14 +33,19 @@ from tests.test_webhook_support import (
     serve_app,
 )
 from webhook.app import create_app
-from webhook.config import Config, ConfigError, Rule
+from webhook.config import Config, ConfigError, RegistrySettings, Rule
 
 OLD_SECRET = "old-secret-rotating-out-0123"
 
 
+# The hosts the payloads below name, configured as registries the service may contact (webhook.trust).
+REGISTRIES = {host: RegistrySettings() for host in (
+    "127.0.0.1:5101", "hub.harbor.com", "harbor.dev", "zot.local:5000", "r:1", "r.example")}
+
+
 def make_config(tmp_path: Path, **overrides) -> Config:
     base = {"data_dir": tmp_path / "data", "secrets": (SECRET, OLD_SECRET), "max_body_bytes": 64 * 1024,
-            "converter_actors": ("robot$obd",)}
+            "converter_actors": ("robot$obd",), "registries": REGISTRIES}
     return Config(**{**base, **overrides})
 
 
@@ -260,7 +265,9 @@ def test_manual_trigger_list_get_retry(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
-    ({"reference": "demo/app:v1@" + digest_of("x")}, 400, "registry host"),
+    ({"reference": "demo/app:v1@" + digest_of("x")}, 403, "'demo' is not configured"),
+    ({"reference": "oci:/tmp/x/lay:v1@" + digest_of("x")}, 400, "registry host"),
+    ({"reference": "127.0.0.1:1/demo/app:v1@" + digest_of("x")}, 403, "not configured"),
     ({"reference": "r.example/demo/app@" + digest_of("x")}, 400, "tag is required"),
     ({"reference": "r.example/demo/app:v1@sha256:abc"}, 400, "digest must be"),
     ({"reference": "r.example/demo/app:v1_obd@" + digest_of("x")}, 422, "loop"),
@@ -275,10 +282,9 @@ def test_manual_trigger_validation(client: FlaskClient, body: dict, status: int,
 def test_manual_trigger_by_tag_resolves_the_digest(tmp_path: Path, registry, oci_image_builder, push_image) -> None:
     from tests.harness import layers as L
     from tests.harness import oci
-    from webhook.config import RegistrySettings
-
     pushed = push_image(oci_image_builder(oci.Image([oci.Layer([L.file("a", b"1")])])), registry, "demo/app:v1")
-    settings = {registry.host: RegistrySettings(endpoint=f"http://{registry.host}")}
+    settings = {registry.host: RegistrySettings(endpoint=f"http://{registry.host}"),
+                "127.0.0.1:9": RegistrySettings()}
     client = create_app(make_config(tmp_path, registries=settings)).test_client()
     response = client.post("/api/v1/conversions", json={"reference": f"{registry.host}/demo/app:v1"}, headers=AUTH)
     assert response.status_code == 201, response.get_json()

@@ -80,9 +80,14 @@ def mirrors_deletes(config: Config) -> bool:
     return any(rule.delete_mirror for rule in config.rules)
 
 
-def distribution_snippet(config: Config, secret: str) -> str:
-    """The `notifications` block for a Distribution registry's config.yml. With delete mirroring on, the
-    registry must send delete events (and allow deletes: storage.delete.enabled)."""
+def hook_path(kind: str, registry: str | None) -> str:
+    """A hook's URL path, bound to `registry` (a `registries:` key) when given."""
+    return f"/hooks/{kind}/{registry}" if registry else f"/hooks/{kind}"
+
+
+def distribution_snippet(config: Config, secret: str, registry: str | None = None) -> str:
+    """The `notifications` block for a Distribution registry's config.yml (its hook bound to `registry`).
+    With delete mirroring on, the registry must send delete events (and allow deletes: storage.delete.enabled)."""
     ignored = "[pull, mount]" if mirrors_deletes(config) else "[pull, mount, delete]"
     # A comment, not a block: the registry's config.yml already has a `storage:` section to add it to.
     storage = ("# delete mirroring removes outputs through the API: add to your existing storage section\n"
@@ -93,7 +98,7 @@ notifications:
     includereferences: true
   endpoints:
     - name: obd-autoconvert
-      url: http://{config.listen}/hooks/distribution
+      url: http://{config.listen}{hook_path("distribution", registry)}
       headers:
         Authorization: [Bearer {secret}]
       timeout: 1s
@@ -105,28 +110,46 @@ notifications:
 """
 
 
-def harbor_policy(config: Config, secret: str) -> dict[str, object]:
+def harbor_policy(config: Config, secret: str, registry: str | None = None) -> dict[str, object]:
     """The body of Harbor's `POST /api/v2.0/projects/<project>/webhook/policies`."""
     events = ["PUSH_ARTIFACT", "DELETE_ARTIFACT"] if mirrors_deletes(config) else ["PUSH_ARTIFACT"]
     return {"name": "obd-autoconvert", "enabled": True, "event_types": events,
-            "targets": [{"type": "http", "address": f"http://{config.listen}/hooks/harbor",
+            "targets": [{"type": "http", "address": f"http://{config.listen}{hook_path('harbor', registry)}",
                          "auth_header": f"Bearer {secret}", "payload_format": "Default"}]}
 
 
+def registries_text(config: Config) -> str:
+    """Which registries events may name; with none configured, the one line that adds yours."""
+    if config.registries:
+        return ("Registries this service converts for (hooks below are bound to the first; use\n"
+                f"/hooks/<kind>/<registry> for the others): {', '.join(config.registries)}\n")
+    return f"""\
+Registries: none configured, so only registries on this machine (localhost, 127.0.0.1, [::1], any
+port) are converted; events naming any other host are ignored (host_not_allowed). To add yours,
+set this (or `registries:` in the config file) and restart:
+
+    OBD_WEBHOOK_REGISTRIES='{{registry.example.com:5000: {{}}}}'
+
+then point its notifications at http://{config.listen}/hooks/distribution/registry.example.com:5000
+"""
+
+
 def snippets_text(config: Config, secret: str, origin: str) -> str:
-    policy = json.dumps(harbor_policy(config, secret))
+    registry = next(iter(config.registries), None)
+    policy = json.dumps(harbor_policy(config, secret, registry))
     events = "Artifact pushed, Artifact deleted" if mirrors_deletes(config) else "Artifact pushed"
     return f"""\
 Webhook secret ({origin}; `obd-webhook snippets` prints all this again):
 
     {secret}
 
+{registries_text(config)}
 Docker Distribution / GitLab registry, config.yml:
 
-{distribution_snippet(config, secret)}
+{distribution_snippet(config, secret, registry)}
 Harbor (project > Webhooks > New webhook, or the API):
 
-  Endpoint URL: http://{config.listen}/hooks/harbor      Auth header: Bearer {secret}
+  Endpoint URL: http://{config.listen}{hook_path("harbor", registry)}      Auth header: Bearer {secret}
   Event type: {events}            Payload format: Default or CloudEvents
 
   curl -u admin -H 'Content-Type: application/json' -X POST \\

@@ -21,6 +21,7 @@ import platformdirs
 import yaml
 
 from converter.options import ConvertOptions
+from webhook.names import host_problem
 
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
@@ -48,17 +49,23 @@ class RetrySettings:
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    """How the worker reaches one registry host named in events."""
+    """One registry the service may contact (the key of `registries:` is its host[:port]), and how."""
 
     endpoint: str | None = None  # e.g. "http://127.0.0.1:5000"; default https://<host>
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     insecure: bool = False  # plain HTTP / unverified TLS; never the default
+    aliases: tuple[str, ...] = ()  # other host[:port] names events may use for this registry
+
+    def client_options(self) -> dict[str, Any]:
+        """The settings as the converter's `RegistryOptions` mapping (aliases are the service's)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "aliases"}
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Which pushes to convert and how. Globs use fnmatch (`*` also matches `/`)."""
+    """Which pushes to convert and how. `registries` are host[:port] patterns (`*`/`?` never match `/`);
+    repository and tag globs use fnmatch."""
 
     name: str = "default"
     registries: tuple[str, ...] = ("*",)
@@ -317,6 +324,14 @@ def validate(config: Config) -> Config:
         raise ConfigError("lease_seconds: must be at least 2")
     if config.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes: must be at least 1024")
+    for host, settings in config.registries.items():
+        for name in (host, *settings.aliases):
+            if (problem := host_problem(name)) is not None:
+                raise ConfigError(f"registries.{host}: {problem}")
+    for index, rule in enumerate(config.rules):
+        for pattern in rule.registries:
+            if "/" in pattern or not pattern:
+                raise ConfigError(f"rules[{index}].registries: {pattern!r} is not a host[:port] pattern")
     for secret in config.secrets:
         if len(secret) < 16 or not secret.isascii() or any(c.isspace() for c in secret):
             raise ConfigError("secrets: every secret must be >= 16 printable ASCII characters without spaces")

@@ -7,7 +7,6 @@ tests and deployments can name another callable with the `convert_callable` sett
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import threading
 from collections.abc import Callable, Mapping
@@ -17,6 +16,18 @@ from typing import Any
 from converter.errors import PermanentError
 from webhook.config import RegistrySettings
 from webhook.store import ImageRefs
+
+
+class RegistryRefused(PermanentError):
+    """A job names a registry the service may not contact (queued before it was removed from the
+    configuration, or by an older version): never converted."""
+
+    def __init__(self, registry: str) -> None:
+        super().__init__(f"registry {registry[:200]!r} is not configured for this service (host_not_allowed)")
+
+
+class ConversionFailed(Exception):
+    """A failed conversion as recorded (message already clipped); what RQ keeps of the failure."""
 
 
 @dataclass(frozen=True)
@@ -57,12 +68,17 @@ def default_convert(job: ConversionRequest) -> ConversionResult:
     """
     try:
         pipeline = importlib.import_module("converter.pipeline")  # heavy; only workers load it
+        transport = importlib.import_module("converter.transport")
     except ImportError as exc:
         raise PermanentError(f"conversion engine not available (converter.pipeline): {exc}") from exc
     options: dict[str, Any] = dict(job.options)
     if job.registry_settings is not None:
-        options["registry"] = dataclasses.asdict(job.registry_settings)
-    result = pipeline.convert(job.source_ref, job.target_ref, pipeline.ConvertOptions(**options, cancel=job.cancel))
+        options["registry"] = job.registry_settings.client_options()
+    # Registry and repository go to the engine as they were stored, never re-parsed from "host/repo"
+    # text (which would read a single-label host as a Docker Hub namespace).
+    source = transport.registry_location(job.registry, job.repository, digest=job.digest)
+    target = transport.registry_location(job.registry, job.repository, tag=job.target_tag)
+    result = pipeline.convert(source, target, pipeline.ConvertOptions(**options, cancel=job.cancel))
     return ConversionResult(
         target_ref=job.target_ref, target_digest=result.target_digest, bytes_written=result.bytes_written,
         details={"up_to_date": result.up_to_date, "layers_converted": result.layers_converted,

@@ -15,15 +15,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from webhook.config import Config, Rule
 from webhook.conversion import ConversionRequest, ConversionResult
 from webhook.events import RegistryEvent
+from webhook.names import digest_problem, repository_problem, tag_problem
 from webhook.registry_access import client_for, open_client, repositories
 from webhook.rules import ACCESSORY_TAG, rule_matches
 from webhook.store import Intake, NewJob
+from webhook.trust import event_registry
 
 if TYPE_CHECKING:
     from converter.registry import Manifest, RegistryClient
@@ -55,8 +57,10 @@ def split_output(tag: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
 # --- delete mirroring: intake ---------------------------------------------------------------------------
 
 
-def delete_intake(event: RegistryEvent, config: Config) -> Intake:
-    """A registry `delete` event: a delete job if a rule with `delete_mirror` covers the tag, else a reason."""
+def delete_intake(event: RegistryEvent, config: Config, bound: str | None = None) -> Intake:
+    """A registry `delete` event: a delete job if a rule with `delete_mirror` covers the tag, else a reason.
+    The same intake checks as pushes apply: names in the distribution grammar, configured registries only
+    (`bound` is the registry a bound hook URL names; see webhook.trust)."""
     def ignore(reason: str) -> Intake:
         return Intake(source=event.source, event_id=event.event_id, reason=reason)
 
@@ -64,12 +68,17 @@ def delete_intake(event: RegistryEvent, config: Config) -> Intake:
         return ignore("malformed")
     if not event.tag or event.tag.startswith("sha256:") or event.tag == event.digest:
         return ignore("untagged")  # a manifest or blob delete: its tag deletes arrive as their own events
-    if not event.registry:
-        return ignore("no_digest")
+    if repository_problem(event.repository) or tag_problem(event.tag) or (
+            event.digest and digest_problem(event.digest)):
+        return ignore("malformed")
     if event.actor and event.actor in config.converter_actors:
         return ignore("own_actor")
     if any(event.tag.endswith(s) for s in config.output_suffixes):
         return ignore("output_tag")  # our own deletions, or someone removing an output by hand
+    registry, refusal = event_registry(event.registry, bound, config.registries)
+    if registry is None:
+        return ignore(refusal or "host_not_allowed")
+    event = replace(event, registry=registry)
     if ACCESSORY_TAG.search(event.tag):
         return ignore("not_image")
     rule = next((r for r in config.rules if rule_matches(r, event)), None)
@@ -78,7 +87,7 @@ def delete_intake(event: RegistryEvent, config: Config) -> Intake:
     if not rule.delete_mirror:
         return ignore("delete_mirror_off")
     return Intake(source=event.source, event_id=event.event_id, job=delete_job(
-        event.registry, event.repository, event.tag, rule, config, digest=event.digest or "", origin="push"))
+        registry, event.repository, event.tag, rule, config, digest=event.digest or "", origin="push"))
 
 
 def delete_job(registry: str, repository: str, tag: str, rule: Rule, config: Config, *, digest: str = "",

@@ -11,7 +11,29 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from webhook.limits import clip
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# LogRecord's own attributes; every other attribute came from `extra`.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class ClipFilter(logging.Filter):
+    """Clips the message and every string passed in `extra` (errors quote image content and event
+    values, which anyone who can push chooses), so no log line grows beyond a few KB per field."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = clip(record.msg)
+        if record.args:
+            record.args = tuple(clip(a) if isinstance(a, str) else a for a in record.args) \
+                if isinstance(record.args, tuple) else record.args
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and isinstance(value, str):
+                setattr(record, key, clip(value))
+        return True
 
 
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
@@ -24,6 +46,7 @@ def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
         ))
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(ClipFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

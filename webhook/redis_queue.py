@@ -48,7 +48,15 @@ from rq.worker import Worker
 
 from converter.errors import PermanentError, TransientError
 from webhook.config import Config
-from webhook.conversion import ConversionRequest, ConvertFn, load_convert_callable, perform
+from webhook.conversion import (
+    ConversionFailed,
+    ConversionRequest,
+    ConvertFn,
+    RegistryRefused,
+    load_convert_callable,
+    perform,
+)
+from webhook.limits import clip
 from webhook.retry import RetryPolicy
 from webhook.store import (
     DURATION_BUCKETS,
@@ -63,6 +71,7 @@ from webhook.store import (
     NewJob,
     StoreStats,
 )
+from webhook.trust import configured_registry
 
 log = logging.getLogger("webhook.redis")
 QUEUE_NAME = "obd-conversions"
@@ -112,7 +121,9 @@ def _to_job(job: RQJob, scheduled_at: float | None = None) -> Job:
         next_attempt_at=scheduled_at or meta["created_at"], started_at=last.get("started_at"),
         finished_at=_ts(job.ended_at) if state in (JobState.SUCCEEDED, JobState.DEAD) else None,
         lease_owner=job.worker_name if state is JobState.RUNNING else None, lease_token=None,
-        lease_expires_at=None, last_error=meta.get("last_error"), target_digest=meta.get("target_digest"),
+        lease_expires_at=None,
+        last_error=clip(meta["last_error"]) if meta.get("last_error") is not None else None,
+        target_digest=meta.get("target_digest"),
         bytes_written=meta.get("bytes_written"), superseded_by=meta.get("superseded_by"),
         origin=meta.get("origin", "push"), action=meta.get("action", "convert"), priority=meta.get("priority", 0),
     )
@@ -259,7 +270,8 @@ class RedisBackend:
         if job is None:
             raise JobNotFound(job_id)
         return [Attempt(a["attempt"], a["worker"], a["started_at"], a.get("finished_at"), a.get("outcome"),
-                        a.get("error")) for a in job.meta.get("attempt_log", [])]
+                        clip(a["error"]) if a.get("error") is not None else None)
+                for a in job.meta.get("attempt_log", [])]
 
     def counts_by_state(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -446,6 +458,7 @@ def run_conversion() -> dict[str, Any]:
     job.save_meta()
     fields = {"job_id": job.id, "reference": f"{meta['registry']}/{meta['repository']}@{meta['digest']}",
               "digest": meta["digest"], "attempt": attempt}
+    registry = configured_registry(config.registries, meta["registry"])
     request = ConversionRequest(
         job_id=job.id, registry=meta["registry"], repository=meta["repository"], tag=meta["tag"],
         digest=meta["digest"], target_tag=meta["target_tag"],
@@ -463,6 +476,8 @@ def run_conversion() -> dict[str, Any]:
         if policy.exhausted(attempt, meta["first_attempt_at"]):
             raise PermanentError(f"gave up after {attempt - 1} attempt(s); last error: "
                                  f"{meta.get('last_error') or 'worker lost its lease'}")
+        if registry != meta["registry"]:
+            raise RegistryRefused(meta["registry"])
         if not lock.acquire():
             raise TransientError(f"another conversion of {meta['image_key']} is still running")
         current = RQJob.fetch(job.id, connection=redis).meta
@@ -483,7 +498,7 @@ def run_conversion() -> dict[str, Any]:
             with contextlib.suppress(LockError):  # expired while Redis was unreachable: nothing to free
                 lock.release()
     except Exception as error:
-        message = f"{type(error).__name__}: {error}"
+        message = clip(f"{type(error).__name__}: {error}")
         decision = policy.decide(error, attempt, meta["first_attempt_at"])
         if decision.retry:
             job.retry_intervals = [max(1, math.ceil(decision.delay))]
@@ -497,7 +512,8 @@ def run_conversion() -> dict[str, Any]:
         job.save_meta()
         _record_duration(redis, time.monotonic() - started)
         log.warning("conversion failed", extra={**fields, "error": message, "outcome": outcome})
-        raise
+        # RQ stores the raised exception's traceback with the job: raise one whose text is clipped.
+        raise ConversionFailed(message) from None
     finished = time.time()
     log_entries[-1].update(finished_at=finished, outcome="succeeded")
     meta.update(target_digest=result.target_digest, bytes_written=result.bytes_written, last_error=None,

@@ -31,6 +31,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from webhook.limits import clip
+
 
 def _native(module: str, name: str) -> Any:
     """`module.name` as it was before gevent monkey-patching, if this process is patched (gunicorn's
@@ -288,7 +290,9 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         updated_at=row["updated_at"], first_attempt_at=row["first_attempt_at"],
         next_attempt_at=row["next_attempt_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], lease_owner=row["lease_owner"], lease_token=row["lease_token"],
-        lease_expires_at=row["lease_expires_at"], last_error=row["last_error"],
+        lease_expires_at=row["lease_expires_at"],
+        # Clipped on the way out too: rows written before errors were bounded may hold megabytes.
+        last_error=clip(row["last_error"]) if row["last_error"] is not None else None,
         target_digest=row["target_digest"], bytes_written=row["bytes_written"],
         superseded_by=row["superseded_by"], origin=row["origin"], action=row["action"], priority=row["priority"],
     )
@@ -436,11 +440,22 @@ class JobStore:
         return delivery.outcomes
 
     def _record_batch(self, conn: sqlite3.Connection, batch: list[_Delivery]) -> None:
+        """Record each delivery of a group commit under its own savepoint: a delivery that fails (a
+        value SQLite refuses, a bug) is rolled back alone and answered with its error, while the
+        others of the batch commit as if it had never been there."""
         counts: Counter[tuple[str, str]] = Counter()
         for delivery in batch:
-            for item in delivery.items:
-                outcome = self._record_one(conn, item, delivery.now)
-                delivery.outcomes.append(outcome)
+            conn.execute("SAVEPOINT delivery")
+            try:
+                outcomes = [self._record_one(conn, item, delivery.now) for item in delivery.items]
+            except Exception as exc:
+                conn.execute("ROLLBACK TO delivery")
+                conn.execute("RELEASE delivery")
+                delivery.error = exc
+                continue
+            conn.execute("RELEASE delivery")
+            delivery.outcomes = outcomes
+            for item, outcome in zip(delivery.items, outcomes, strict=True):
                 counts["events_received", item.source] += 1
                 if outcome.status == "accepted":
                     counts["events_accepted", item.source] += 1
@@ -517,7 +532,7 @@ class JobStore:
         rows = self._conn().execute(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY started_at", (job_id,))
         return [Attempt(r["attempt"], r["worker"], r["started_at"], r["finished_at"], r["outcome"],
-                        r["error"]) for r in rows]
+                        clip(r["error"]) if r["error"] is not None else None) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:
         counts = {s.value: 0 for s in JobState}
@@ -629,12 +644,14 @@ class JobStore:
     def fail(self, job: Job, error: str, next_attempt_at: float, now: float | None = None) -> bool:
         """A transient failure: wait until `next_attempt_at`, then any worker may claim it again."""
         now = time.time() if now is None else now
+        error = clip(error)
         return self._finish(job, now, "retry", error,
                             "state = 'failed', next_attempt_at = ?, last_error = ?", (next_attempt_at, error))
 
     def bury(self, job: Job, error: str, now: float | None = None) -> bool:
         """Give up: the job is dead until someone retries it through the API."""
         now = time.time() if now is None else now
+        error = clip(error)
         return self._finish(job, now, "dead", error,
                             "state = 'dead', finished_at = ?, last_error = ?", (now, error))
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 from webhook.backend import LeasedJobStore
 from webhook.config import Config, RegistrySettings
-from webhook.conversion import ConversionRequest, ConvertFn, perform
+from webhook.conversion import ConversionRequest, ConvertFn, RegistryRefused, perform
+from webhook.limits import clip
 from webhook.retry import LeaseLost, RetryPolicy
 from webhook.store import Job
+from webhook.trust import configured_registry
 
 log = logging.getLogger("webhook.worker")
 
@@ -89,9 +91,12 @@ class Worker:
     def _process(self, job: Job) -> None:
         if self.policy.exhausted(job.attempts, job.first_attempt_at):
             last = job.last_error or "worker lost its lease"
-            reason = f"gave up after {job.attempts - 1} attempt(s); last error: {last}"
+            reason = clip(f"gave up after {job.attempts - 1} attempt(s); last error: {last}")
             self.store.bury(job, reason)
             log.error("job dead", extra={**_job_fields(job), "error": reason})
+            return
+        if configured_registry(self.registries, job.registry) != job.registry:
+            self._failed(job, RegistryRefused(job.registry))
             return
         request = ConversionRequest(
             job_id=job.id, registry=job.registry, repository=job.repository, tag=job.tag,
@@ -124,14 +129,14 @@ class Worker:
                         extra=_job_fields(job))
 
     def _failed(self, job: Job, error: Exception) -> None:
-        message = f"{type(error).__name__}: {error}"
+        message = clip(f"{type(error).__name__}: {error}")
         decision = self.policy.decide(error, job.attempts, job.first_attempt_at or time.time())
         if decision.retry:
             ok = self.store.fail(job, message, time.time() + decision.delay)
             log.warning("conversion failed, will retry", extra={
                 **_job_fields(job), "error": message, "retry_in_s": round(decision.delay, 1), "recorded": ok})
         else:
-            ok = self.store.bury(job, f"{decision.reason}: {message}")
+            ok = self.store.bury(job, clip(f"{decision.reason}: {message}"))
             log.error("conversion failed, job dead", extra={**_job_fields(job), "error": message,
                                                              "recorded": ok})
 
