@@ -29,7 +29,7 @@ from tests.lifecycle_helpers import (
 from tests.test_webhook_support import distribution_event, envelope, serve_app, wait_until
 from webhook.app import create_app
 from webhook.cli import distribution_snippet, harbor_policy, main
-from webhook.config import Config
+from webhook.config import Config, RegistrySettings
 from webhook.events import parse_harbor
 from webhook.lifecycle import ANN_SOURCE_DIGEST, delete_intake
 from webhook.store import JobStore
@@ -221,8 +221,9 @@ def test_snippets_send_delete_events_only_with_delete_mirroring(tmp_path: Path) 
 
 
 def test_harbor_delete_artifact_becomes_delete_jobs(tmp_path: Path) -> None:
-    config = Config(data_dir=tmp_path, secrets=(SECRET,),
-                    rules=(Config().rules[0].__class__(delete_mirror=True, turbo_oci=True),))
+    rules = (Config().rules[0].__class__(delete_mirror=True, turbo_oci=True),)
+    config = Config(data_dir=tmp_path, secrets=(SECRET,), rules=rules,
+                    registries={"harbor.example": RegistrySettings()})
     digest = "sha256:" + "2" * 64
     payload = {"type": "DELETE_ARTIFACT", "occur_at": 1, "operator": "admin", "event_data": {
         "resources": [{"digest": digest, "tag": "v1", "resource_url": "harbor.example/proj/app:v1",
@@ -235,6 +236,9 @@ def test_harbor_delete_artifact_becomes_delete_jobs(tmp_path: Path) -> None:
     by_digest = {**payload, "event_data": {**payload["event_data"], "resources": [
         {"digest": digest, "tag": digest, "resource_url": f"harbor.example/proj/app@{digest}"}]}}
     assert [delete_intake(e, config).reason for e in parse_harbor(by_digest)] == ["untagged"]
+    # Deletions obey the same trust model as pushes: an unconfigured registry is never contacted.
+    unconfigured = Config(data_dir=tmp_path, secrets=(SECRET,), rules=rules)
+    assert {delete_intake(e, unconfigured).reason for e in parse_harbor(payload)} == {"host_not_allowed"}
 
 
 def test_store_created_before_origins_gains_the_new_columns(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ over repositories (catalog, Harbor's API, or an explicit list) that backfills an
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
@@ -36,7 +35,7 @@ def client_for(registry: str, settings: RegistrySettings | None, rate_limit: flo
     from converter.registry import RetryPolicy
     from converter.transport import registry_client
 
-    options = RegistryOptions.coerce(dataclasses.asdict(settings) if settings is not None else None)
+    options = RegistryOptions.coerce(settings.client_options() if settings is not None else None)
     retry = RetryPolicy(attempts=2, total=10.0, max_wait=2.0) if quick else None
     return registry_client(registry, options, retry=retry, rate_limit=rate_limit)
 
