@@ -9,12 +9,17 @@ Two workloads (issue "ext4 builder", Performance):
          project's 2-core VM; the target is <= 1/5 of that, i.e. >= 250 MB/s of uncompressed tar content.
   small  60,000 small files (1-4 KiB) in 60 directories: target >= 20,000 files/s.
 
+  entries  N empty files (default 10^6, --entries) in directories of 1000: the in-memory model's cost per
+         tar entry. Reports the peak RSS of the builder process and bytes per entry above the RSS before the
+         build (issue 14 item 13: 10^6 entries must stay within 512 MiB).
+
   floor  what the libraries alone cost for the usr workload, single-threaded: ISA-L inflate, LZ4 + CRC32C
          of every 4 KiB block, sha256 of the compressed output. (inflate + compress) / cores + sha256 (the
          blob's hash is one serial pass after its header is patched) is the wall time no builder can beat
          on this machine, before the builder's own Python is counted.
 
-Usage:  python bench/bench_ext4.py [usr|small|floor|all] [--out bench/out] [--dirs usr/share usr/bin ...]
+Usage:  python bench/bench_ext4.py [usr|small|entries|floor|all] [--out bench/out] [--dirs usr/share usr/bin ...]
+        python bench/bench_ext4.py entries --entries 1000000
 Inputs are built once under --out and reused. Reports wall time, MB/s, files/s, CPU seconds of the
 main thread and of the whole process, and peak RSS (ru_maxrss), after a gauge of the machine's speed
 (bench/_gauge.py: the VM's cores change speed from hour to hour).
@@ -81,6 +86,64 @@ def build_small_tar(out: Path, count: int = 60000) -> Path:
 
     target.write_bytes(gzip.compress(raw.getvalue(), compresslevel=6, mtime=0))
     return target
+
+
+def build_entries_tar(out: Path, count: int) -> Path:
+    """`count` empty regular files, 1000 per directory, as a gzip'd ustar stream written header by header
+    (tarfile.TarFile would keep a TarInfo per member and inflate this process's peak RSS)."""
+    target = out / f"entries-{count}.tar.gz"
+    if target.exists():
+        return target
+    import zlib
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31)
+    with open(tmp, "wb") as f:
+        batch = []
+        for d in range(-(-count // 1000)):
+            info = tarfile.TarInfo(f"d{d:04d}")
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            batch.append(info.tobuf(tarfile.USTAR_FORMAT))
+            for i in range(d * 1000, min(count, (d + 1) * 1000)):
+                info = tarfile.TarInfo(f"d{d:04d}/f{i:07d}")
+                info.mode, info.mtime = 0o644, 1700000000
+                batch.append(info.tobuf(tarfile.USTAR_FORMAT))
+            f.write(gz.compress(b"".join(batch)))
+            batch.clear()
+        f.write(gz.compress(bytes(1024)) + gz.flush())
+    tmp.rename(target)
+    return target
+
+
+def _rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def entries(layer: Path, out: Path) -> dict:
+    """Peak RSS of one build of the entries layer, and its cost per entry above the RSS before the build."""
+    before = _rss_now_mb()
+    wall0 = time.perf_counter()
+    builder = ImageBuilder()
+    with open(layer, "rb") as src, LayerBlobWriter(out / "entries.obd", virtual_size=64 << 30, workers=2) as writer:
+        stats = builder.apply_layer(src, writer, label="entries")
+    wall = time.perf_counter() - wall0
+    os.unlink(writer.info.path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    held = _rss_now_mb()
+    return {
+        "workload": "entries",
+        "entries": stats.entries,
+        "wall_s": round(wall, 2),
+        "rss_before_MB": round(before),
+        "peak_rss_MB": round(peak),
+        "rss_after_MB": round(held),
+        "peak_bytes_per_entry": round((peak - before) * (1 << 20) / stats.entries),
+        "held_bytes_per_entry": round((held - before) * (1 << 20) / stats.entries),
+    }
 
 
 def uncompressed_size(path: Path) -> int:
@@ -161,7 +224,8 @@ def floor(layer: Path, cores: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", nargs="?", default="all", choices=["usr", "small", "floor", "all"])
+    parser.add_argument("workload", nargs="?", default="all", choices=["usr", "small", "entries", "floor", "all"])
+    parser.add_argument("--entries", type=int, default=1_000_000, help="files for the 'entries' workload")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     parser.add_argument("--dirs", nargs="+", default=DEFAULT_DIRS, help="paths under / to tar for 'usr'")
     args = parser.parse_args()
@@ -171,6 +235,9 @@ def main() -> None:
         print(json.dumps(run("usr", build_usr_tar(args.out, args.dirs), args.out)))
     if args.workload in ("small", "all"):
         print(json.dumps(run("small", build_small_tar(args.out), args.out)))
+    if args.workload in ("entries", "all"):
+        layer = build_entries_tar(args.out, args.entries)
+        print(json.dumps(entries(layer, args.out)))
     if args.workload in ("floor", "all"):
         print(json.dumps(floor(build_usr_tar(args.out, args.dirs), os.cpu_count() or 1)))
 

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ..errors import MAX_NAME, shorten
 from .fs import BlockSink, Ext4Error, Filesystem, Inode
 from .layerstream import LayerStream
 from .layout import (
@@ -57,6 +58,8 @@ class LayerApplyError(Exception):
     """A layer could not be applied. The message names the layer and the tar entry."""
 
     def __init__(self, layer: str, entry: str | None, problem: str) -> None:
+        entry = shorten(entry, MAX_NAME) if entry else entry
+        problem = shorten(problem)
         where = f"layer {layer}" + (f", entry {entry!r}" if entry else "")
         super().__init__(f"{where}: {problem}")
         self.layer = layer
@@ -155,7 +158,9 @@ class LayerApplier:
                 self._apply_entry(reader, entry)
         except LayerApplyError:
             raise
-        except (TarFormatError, Ext4Error, XattrError) as exc:
+        except TarFormatError as exc:
+            raise LayerApplyError(self.label, exc.entry or self._current_name(reader), str(exc)) from exc
+        except (Ext4Error, XattrError) as exc:
             raise LayerApplyError(self.label, self._current_name(reader), str(exc)) from exc
         except (OSError, EOFError, ValueError) as exc:
             # Decompression errors (truncated or corrupt gzip/zstd) surface here.
