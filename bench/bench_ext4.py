@@ -137,6 +137,7 @@ def entries(layer: Path, out: Path) -> dict:
     return {
         "workload": "entries",
         "entries": stats.entries,
+        "blob_digest": writer.info.digest,  # equal across builder versions: the output is byte-identical
         "wall_s": round(wall, 2),
         "rss_before_MB": round(before),
         "peak_rss_MB": round(peak),

@@ -262,12 +262,13 @@ class LayerApplier:
         raise Ext4Error(f"unsupported tar entry type {entry.type!r}")
 
     def _set_metadata(self, inode: Inode, entry: TarEntry) -> None:
+        intern = self.fs.intern
         if inode.kind != S_IFLNK:
-            inode.mode = (inode.mode & ~0o7777) | (entry.mode & 0o7777)
+            inode.mode = intern((inode.mode & ~0o7777) | (entry.mode & 0o7777))
         if entry.uid < 0 or entry.uid > 0xFFFFFFFF or entry.gid < 0 or entry.gid > 0xFFFFFFFF:
             raise Ext4Error(f"uid/gid out of range: {entry.uid}/{entry.gid}")
-        inode.uid, inode.gid = entry.uid, entry.gid
-        inode.mtime, inode.mtime_ns = entry.mtime, entry.mtime_ns
+        inode.uid, inode.gid = intern(entry.uid), intern(entry.gid)
+        inode.mtime, inode.mtime_ns = intern(entry.mtime), entry.mtime_ns
         xattrs = {}
         for name, value in entry.xattrs.items():
             try:

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from . import xattr as xattrs_mod
-from .bitmap import Bitmap
+from .bitmap import Bitmap, BitSet
 from .hashing import dx_hash_many, seed_words
 from .layout import (
     BG_BLOCK_UNINIT,
@@ -84,6 +84,7 @@ INODE_RATIO = 16384
 RESERVED_PERCENT = 5
 LOG_GROUPS_PER_FLEX = 4
 INODES_PER_TABLE_BLOCK = BLOCK_SIZE // INODE_SIZE
+TABLE_BLOCKS_PER_WRITE = 256  # inode table blocks encoded and written at once (1 MiB), not a whole layer's
 _INODE_HEAD = struct.Struct("<" + INODE_CORE.format.lstrip("<") + INODE_EXTRA.format.lstrip("<"))
 
 
@@ -173,6 +174,8 @@ class Geometry:
 
 
 _NO_BLOCKS: list[int] = []  # shared by every inode without an extent tree; only ever replaced, never mutated
+_NO_EXTENTS: list[Extent] = []  # shared by every inode without data blocks; only ever replaced, never mutated
+INTERN_LIMIT = 1 << 16  # distinct attribute values shared between inodes (see Filesystem.intern)
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
@@ -210,7 +213,7 @@ class Inode:
         self.size = 0
         self.links = 1
         self.flags = 0
-        self.extents: list[Extent] = []
+        self.extents: list[Extent] = _NO_EXTENTS
         self.tree_blocks: list[int] = _NO_BLOCKS
         self.target = b""  # symlink target
         self.rdev = (0, 0)  # device major, minor
@@ -257,6 +260,14 @@ def _physical_blocks(extents: list[Extent]) -> list[int]:
     return [e.physical + i for e in extents for i in range(e.length)]
 
 
+def _bounded_runs(blocks: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """_runs_of, with long runs cut into pieces of at most `limit` (the sink sees the same bytes: the LSMT
+    writer joins consecutive writes into one record)."""
+    for start, count in _runs_of(blocks):
+        for k in range(0, count, limit):
+            yield start + k, min(limit, count - k)
+
+
 def _runs_of(blocks: list[int]) -> Iterator[tuple[int, int]]:
     """Contiguous runs (start, count) of a list of block numbers, in list order."""
     i = 0
@@ -287,11 +298,13 @@ class Filesystem:
         self.itable_unused = [0] * groups
         # Inodes loaded from an existing filesystem and not changed since: written back verbatim.
         self.raw_inodes: dict[int, bytes] = {}
-        self.dirty_inodes: set[int] = set()
+        # A bitmap, not a set: a layer may dirty millions of inodes (an int and a hash slot each in a set).
+        self.dirty_inodes = BitSet(geometry.inodes_count + 1)
         self.dirty_dirs: set[int] = set()
         self.dirty_block_groups: set[int] = set()
         self.dirty_inode_groups: set[int] = set()
         self.seed = seed_words(sb.s_hash_seed)
+        self._interned: dict[int, int] = {}
         self._fresh = True  # until the first flush: skip writing blocks that are all zero
         self.reset_cursors()
 
@@ -340,6 +353,16 @@ class Filesystem:
         fs.dirty_dirs.add(ROOT_INO)
         fs.mkdir(ROOT_INO, b"lost+found", 0o700)
         return fs
+
+    def intern(self, value: int) -> int:
+        """One shared int object per distinct mode, owner or mtime, so that a million files stamped alike
+        do not hold a million equal ints (32 bytes each). Bounded: past INTERN_LIMIT values, no sharing."""
+        shared = self._interned.get(value)
+        if shared is not None:
+            return shared
+        if len(self._interned) < INTERN_LIMIT:
+            self._interned[value] = value
+        return value
 
     def reset_cursors(self) -> None:
         """Restart next-fit allocation from the start (done once per layer, like the reference tools)."""
@@ -415,7 +438,8 @@ class Filesystem:
 
     def new_inode(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> Inode:
         ino = self._allocate_inode(mode & S_IFMT == S_IFDIR)
-        inode = Inode(ino, mode, uid, gid, mtime, mtime_ns)
+        intern = self.intern
+        inode = Inode(ino, intern(mode), intern(uid), intern(gid), intern(mtime), mtime_ns)
         self.inodes[ino] = inode
         self.dirty_inodes.add(ino)
         return inode
@@ -492,7 +516,11 @@ class Filesystem:
     def allocate_file_blocks(self, inode: Inode, count: int, logical: int = 0) -> list[Extent]:
         """Allocate `count` data blocks for file blocks logical.. and record them as extents."""
         extents = _runs_to_extents(self.allocate_blocks(count), logical)
-        if inode.extents and extents:
+        if not inode.extents:
+            inode.extents = list(extents)  # never extend the shared empty list
+            self.dirty_inodes.add(inode.ino)
+            return extents
+        if extents:
             last, first = inode.extents[-1], extents[0]
             if (
                 last.logical + last.length == first.logical
@@ -516,14 +544,15 @@ class Filesystem:
         for ino in sorted(self.dirty_dirs):
             if ino in self.inodes:
                 self._write_directory(self.inodes[ino], sink)
-        for ino in sorted(self.dirty_inodes):
+        for ino in self.dirty_inodes:  # ascending
             inode = self.inodes.get(ino)
             if inode is not None:
                 self._write_inode_blocks(inode, sink)
         self._write_inode_tables(sink)
         self._write_bitmaps_and_descriptors(sink)
-        for ino in self.dirty_inodes:
-            self.raw_inodes.pop(ino, None)
+        if self.raw_inodes:
+            for ino in self.dirty_inodes:
+                self.raw_inodes.pop(ino, None)
         self.dirty_inodes.clear()
         self.dirty_dirs.clear()
         self.dirty_block_groups.clear()
@@ -716,9 +745,13 @@ class Filesystem:
 
     def _write_inode_tables(self, sink: BlockSink) -> None:
         ipg = self.geo.inodes_per_group
-        table_blocks = sorted({(ino - 1) // INODES_PER_TABLE_BLOCK for ino in self.dirty_inodes})
+        table_blocks: list[int] = []
+        for ino in self.dirty_inodes:  # ascending
+            tb = (ino - 1) // INODES_PER_TABLE_BLOCK
+            if not table_blocks or table_blocks[-1] != tb:
+                table_blocks.append(tb)
         zero = bytes(INODE_SIZE)
-        for start, count in _runs_of(table_blocks):
+        for start, count in _bounded_runs(table_blocks, TABLE_BLOCKS_PER_WRITE):
             chunk = []
             for tb in range(start, start + count):
                 first = tb * INODES_PER_TABLE_BLOCK + 1
