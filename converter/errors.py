@@ -37,3 +37,7 @@ class TransientError(ConversionError):
 
 class PermanentError(ConversionError):
     """Retrying cannot help: bad or unsupported image, auth refused after a token refresh."""
+
+
+class ImageError(PermanentError):
+    """The source is not an image we can convert; the message names the manifest, layer or field."""

@@ -419,12 +419,12 @@ class _Conversion:
             return None
         if current is None:
             return None
-        try:
-            annotations = json.loads(current.raw).get("annotations") or {}
-        except ValueError:
-            return None
         wanted = {ANN_SOURCE_DIGEST: source_digest, ANN_OPTIONS_DIGEST: self.output_key}
-        return current if all(annotations.get(k) == v for k, v in wanted.items()) else None
+        try:  # whatever the tag holds now is replaced unless it is our up-to-date output
+            annotations = json.loads(current.raw).get("annotations") or {}
+            return current if all(annotations.get(k) == v for k, v in wanted.items()) else None
+        except (ValueError, AttributeError, TypeError):
+            return None
 
     def _prepare_base(self) -> None:
         """--mkfs=false: the base layer wrapped like the reference's uploadBaseLayer (§3.2), pushed as layer 0."""
@@ -713,6 +713,10 @@ def convert(source: str, target: str, options: ConvertOptions | Mapping[str, Any
                else _DirStore(run_dir / "output"))
         conversion = _Conversion(src_loc, dst_loc, opts, src, dst, run_dir)
         return conversion.run()
+    except (AttributeError, TypeError, KeyError) as exc:
+        # Bad image data that slipped past the shape checks (converter/shape.py): permanent, one line
+        log.debug("conversion of %s failed on malformed data", source, exc_info=True)
+        raise ImageError(f"{source}: malformed image data ({type(exc).__name__}: {exc})") from exc
     finally:
         if conversion is not None:
             conversion.close()
