@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ImageError  # defined with the other error bases; importable from here as before
+from .formats.lsmt import MAX_STACK_LAYERS
 from .shape import check_config, check_index, check_manifest, load_json_object
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -192,6 +193,17 @@ def check_image_manifest(manifest: Mapping[str, Any], where: str) -> None:
                                   "container filesystem layer (a signature, SBOM or other artifact?)")
         if not isinstance(layer.get("digest"), str) or not isinstance(layer.get("size"), int):
             raise ImageError(f"{where}: layer {k + 1} descriptor lacks a digest or size")
+
+
+def check_layer_count(manifest: Mapping[str, Any], where: str, *, base_layer: bool) -> None:
+    """overlaybd opens at most MAX_STACK_LAYERS (255) layers, the base layer of --mkfs=false included:
+    a longer image would convert, but no overlaybd (nor our own `dump`) could open it."""
+    count = len(manifest.get("layers") or [])
+    limit = MAX_STACK_LAYERS - (1 if base_layer else 0)
+    if count > limit:
+        base = " (--mkfs=false adds the base layer)" if base_layer else ""
+        raise ImageError(f"{where}: {count} layers, but overlaybd stacks at most {MAX_STACK_LAYERS}{base}, so at "
+                         f"most {limit} may come from the image; squash some layers and push it again")
 
 
 def source_image(digest: str, media_type: str, manifest: dict[str, Any], config_raw: bytes,

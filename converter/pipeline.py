@@ -50,6 +50,7 @@ from .image import (
     SourceImage,
     SourceLayer,
     check_image_manifest,
+    check_layer_count,
     check_not_overlaybd,
     derive_key,
     is_attestation,
@@ -360,6 +361,7 @@ class _Conversion:
         top = self.src.get_manifest(src_ref)
         where = f"{self.source_loc}"
         top_json = parse_manifest(top.raw, top.media_type, where)
+        self._check_layer_counts(top, top_json, where)  # before anything (even the base layer) is pushed
         if not self.opts.mkfs:
             self._prepare_base()
         self.bytes_key = self.opts.bytes_key(self.base.digest if self.base else None)
@@ -382,6 +384,18 @@ class _Conversion:
                                     subject=subject)
             digest, media_type, raw, manifests = m.digest, m.media_type, m.raw, [m]
         return self._result(top, digest, media_type, manifests, raw, started, up_to_date=False)
+
+    def _check_layer_counts(self, top: Manifest, top_json: dict[str, Any], where: str) -> None:
+        if top.media_type not in (OCI_INDEX, DOCKER_LIST):
+            check_layer_count(top_json, where, base_layer=not self.opts.mkfs)
+            return
+        for child in top_json.get("manifests") or []:
+            if is_attestation(child) or not platform_matches(child.get("platform"), self.opts.platforms):
+                continue
+            manifest = self.src.get_manifest(child["digest"])
+            child_where = f"{where} [{platform_string(child.get('platform')) or child['digest']}]"
+            body = parse_manifest(manifest.raw, manifest.media_type, child_where)
+            check_layer_count(body, child_where, base_layer=not self.opts.mkfs)
 
     def _result(self, top: Manifest, digest: str, media_type: str, manifests: list[ManifestResult], raw: bytes,
                 started: float, *, up_to_date: bool) -> ConvertResult:
@@ -707,12 +721,16 @@ def convert(source: str, target: str, options: ConvertOptions | Mapping[str, Any
     run_dir = Path(tempfile.mkdtemp(prefix="obd-convert-", dir=opts.work_dir))
     keep = opts.reserve or not opts.upload
     conversion: _Conversion | None = None
+    # A layout this run creates is removed again if the run fails; one that existed before is never touched.
+    new_layout = _first_missing(Path(dst_loc.layout)) if dst_loc.layout is not None and opts.upload else None
     try:
         src = open_store(src_loc, opts.registry_options, clients)
         dst = (open_store(dst_loc, opts.registry_options, clients, create=True) if opts.upload
                else _DirStore(run_dir / "output"))
         conversion = _Conversion(src_loc, dst_loc, opts, src, dst, run_dir)
-        return conversion.run()
+        result = conversion.run()
+        new_layout = None  # converted: the new layout stays
+        return result
     except (AttributeError, TypeError, KeyError) as exc:
         # Bad image data that slipped past the shape checks (converter/shape.py): permanent, one line
         log.debug("conversion of %s failed on malformed data", source, exc_info=True)
@@ -723,3 +741,14 @@ def convert(source: str, target: str, options: ConvertOptions | Mapping[str, Any
         close_clients(clients)
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if new_layout is not None:
+            shutil.rmtree(new_layout, ignore_errors=True)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory that creating `path` would make (None if `path` exists already)."""
+    missing = None
+    path = path.absolute()
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
