@@ -22,6 +22,7 @@ from typing import Protocol
 
 from . import xattr as xattrs_mod
 from .bitmap import Bitmap, BitSet
+from .budget import MODEL_BUDGET, STEP
 from .hashing import dx_hash_many, seed_words
 from .layout import (
     BG_BLOCK_UNINIT,
@@ -65,9 +66,11 @@ from .layout import (
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
+    S_IFIFO,
     S_IFLNK,
     S_IFMT,
     S_IFREG,
+    S_IFSOCK,
     SUPERBLOCK_OFFSET,
     Extent,
     GroupDesc,
@@ -180,10 +183,14 @@ _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class Inode:
-    """One inode of the model. Directories carry their children; files their extents."""
+    """One inode of the model: what every kind has. Files carry their extents; `Inode(...)` returns a
+    DirInode, SymlinkInode or SpecialInode for those kinds, which add their own fields.
+
+    Memory: a layer can hold millions of inodes, so each kind has only the slots it uses (a slot is 8
+    bytes per inode) and the fields a kind lacks read as class-level defaults. The kind of an inode
+    never changes: a tar entry of another type replaces the inode."""
 
     __slots__ = (
-        "children",
         "extents",
         "flags",
         "gid",
@@ -192,16 +199,23 @@ class Inode:
         "mode",
         "mtime",
         "mtime_ns",
-        "parent",
-        "rdev",
         "size",
-        "target",
         "tree_blocks",
         "uid",
         "xattr_area",
         "xattr_block",
         "xattrs",
     )
+    # Defaults of the fields only some kinds carry (see the subclasses); read-only on other kinds.
+    children: dict[bytes, int] | None = None
+    parent = 0
+    target = b""
+    rdev = (0, 0)
+
+    def __new__(cls, ino: int, mode: int, *args: int) -> Inode:
+        if cls is Inode:
+            cls = _KIND_CLASSES.get(mode & S_IFMT, Inode)
+        return object.__new__(cls)
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
         self.ino = ino
@@ -215,13 +229,9 @@ class Inode:
         self.flags = 0
         self.extents: list[Extent] = _NO_EXTENTS
         self.tree_blocks: list[int] = _NO_BLOCKS
-        self.target = b""  # symlink target
-        self.rdev = (0, 0)  # device major, minor
         self.xattrs: Mapping[str, bytes] = _NO_XATTRS  # replaced, never mutated
         self.xattr_block = 0
         self.xattr_area = b""
-        self.children: dict[bytes, int] | None = {} if mode & S_IFMT == S_IFDIR else None
-        self.parent = 0
 
     @property
     def kind(self) -> int:
@@ -235,6 +245,79 @@ class Inode:
     def uses_extents(self) -> bool:
         kind = self.mode & S_IFMT
         return kind in (S_IFREG, S_IFDIR) or (kind == S_IFLNK and len(self.target) > FAST_SYMLINK_MAX)
+
+
+class DirInode(Inode):
+    """A directory: its children by name, and its parent (for '..')."""
+
+    __slots__ = ("children", "parent")
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.children: dict[bytes, int] = {}
+        self.parent = 0
+
+
+class SymlinkInode(Inode):
+    __slots__ = ("target",)
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.target = b""
+
+
+class SpecialInode(Inode):
+    """A character or block device, FIFO or socket: (major, minor) numbers."""
+
+    __slots__ = ("rdev",)
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.rdev = (0, 0)
+
+
+_KIND_CLASSES: dict[int, type[Inode]] = {S_IFDIR: DirInode, S_IFLNK: SymlinkInode, S_IFCHR: SpecialInode,
+                                         S_IFBLK: SpecialInode, S_IFIFO: SpecialInode, S_IFSOCK: SpecialInode}
+
+
+class InodeTable:
+    """The model's inodes by number: a list indexed by inode number (None where free) instead of a dict,
+    which costs ~50 bytes per inode more. Inode numbers are dense (next-fit from 11 upwards), so the list
+    is as long as the highest number in use. Offers the dict operations the model uses."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: list[Inode | None] = []
+
+    def __getitem__(self, ino: int) -> Inode:
+        inode = self._slots[ino] if 0 <= ino < len(self._slots) else None
+        if inode is None:
+            raise KeyError(ino)
+        return inode
+
+    def get(self, ino: int) -> Inode | None:
+        return self._slots[ino] if 0 <= ino < len(self._slots) else None
+
+    def __contains__(self, ino: object) -> bool:
+        return isinstance(ino, int) and self.get(ino) is not None
+
+    def __setitem__(self, ino: int, inode: Inode) -> None:
+        slots = self._slots
+        if ino >= len(slots):
+            slots.extend([None] * (ino + 1 - len(slots)))
+        slots[ino] = inode
+
+    def __delitem__(self, ino: int) -> None:
+        if ino not in self:
+            raise KeyError(ino)
+        self._slots[ino] = None
+
+    def values(self) -> Iterator[Inode]:
+        return (inode for inode in self._slots if inode is not None)
+
+    def __len__(self) -> int:
+        return sum(inode is not None for inode in self._slots)
 
 
 def _runs_to_extents(runs: list[tuple[int, int]], logical: int = 0) -> list[Extent]:
@@ -286,7 +369,7 @@ class Filesystem:
         groups = geometry.groups
         self.block_map = Bitmap(geometry.blocks_count, groups * BLOCK_SIZE)
         self.inode_map = Bitmap(geometry.inodes_count)
-        self.inodes: dict[int, Inode] = {}
+        self.inodes = InodeTable()
         self.used_dirs = [0] * groups
         self.free_blocks = [0] * groups
         self.free_inodes = [0] * groups
@@ -305,6 +388,11 @@ class Filesystem:
         self.dirty_inode_groups: set[int] = set()
         self.seed = seed_words(sb.s_hash_seed)
         self._interned: dict[int, int] = {}
+        # Inodes held, against the process-wide budget shared with concurrent conversions (budget.py).
+        self._budget = MODEL_BUDGET
+        self._budget_key = MODEL_BUDGET.register(self)
+        self._live = 0
+        self._reserved = 0
         self._fresh = True  # until the first flush: skip writing blocks that are all zero
         self.reset_cursors()
 
@@ -363,6 +451,19 @@ class Filesystem:
         if len(self._interned) < INTERN_LIMIT:
             self._interned[value] = value
         return value
+
+    def count_inodes(self, count: int) -> None:
+        """Account for `count` more (or, negative, fewer) inodes in the model against the shared budget;
+        may wait there while other conversions use it up (budget.py)."""
+        self._live += count
+        if self._live > self._reserved:
+            step = -(-(self._live - self._reserved) // STEP) * STEP
+            self._budget.reserve(self._budget_key, step)
+            self._reserved += step
+
+    def applying(self, active: bool) -> None:
+        """A layer starts (True) or ends (False): while applying, other conversions may wait for us."""
+        self._budget.applying(self._budget_key, active)
 
     def reset_cursors(self) -> None:
         """Restart next-fit allocation from the start (done once per layer, like the reference tools)."""
@@ -438,6 +539,9 @@ class Filesystem:
 
     def new_inode(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> Inode:
         ino = self._allocate_inode(mode & S_IFMT == S_IFDIR)
+        self._live += 1
+        if self._live > self._reserved:
+            self.count_inodes(0)
         intern = self.intern
         inode = Inode(ino, intern(mode), intern(uid), intern(gid), intern(mtime), mtime_ns)
         self.inodes[ino] = inode
@@ -503,6 +607,7 @@ class Filesystem:
         if inode.is_dir:
             self.used_dirs[group] -= 1
         del self.inodes[inode.ino]
+        self._live -= 1
         self.dirty_inodes.add(inode.ino)  # its table slot is rewritten as zeros
         self.dirty_dirs.discard(inode.ino)
 
@@ -558,6 +663,10 @@ class Filesystem:
         self.dirty_block_groups.clear()
         self.dirty_inode_groups.clear()
         self._fresh = False
+        if self._reserved - self._live > 2 * STEP:  # a layer removed many inodes: let others have them
+            spare = (self._reserved - self._live) // STEP * STEP - STEP
+            self._budget.give_back(self._budget_key, spare)
+            self._reserved -= spare
 
     def _write_run(self, sink: BlockSink, blocks: list[int], data: list[bytes]) -> None:
         i = 0
