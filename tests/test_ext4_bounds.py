@@ -156,3 +156,18 @@ def test_conversion_errors_are_bounded_at_the_source() -> None:
     assert "chars cut" in str(error) and isinstance(error, ConversionError)
     assert shorten("short") == "short"
     assert len(shorten("y" * 10_000, 100)) <= 100
+
+
+def test_long_hardlink_targets_and_xattr_names_are_shortened_in_errors(tmp_path) -> None:
+    target = "t/" * 300_000 + "x"
+    link = tarfile.TarInfo("link")
+    link.type = tarfile.LNKTYPE
+    tar = finish(special(b"K", target.encode() + b"\0"), link.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(LayerApplyError, match="does not exist") as err:
+        apply(tmp_path, tar)
+    assert len(str(err.value)) < 1500 and "chars cut" in str(err.value)
+
+    pax = L._pax_record("SCHILY.xattr.user." + "n" * 500_000, b"v")
+    with pytest.raises(LayerApplyError, match="extended attribute name too long") as err:
+        apply(tmp_path, finish(special(b"x", pax), member("f")))
+    assert len(str(err.value)) < MAX_MESSAGE + 100 and "chars cut" in str(err.value)

@@ -41,6 +41,7 @@ from .tarstream import (
     TarEntry,
     TarFormatError,
     TarReader,
+    display,
 )
 from .xattr import XattrError, split_name
 
@@ -417,7 +418,7 @@ class LayerApplier:
 
     def _resolve_link_target(self, entry: TarEntry) -> int:
         comps = clean_path(entry.linkname)
-        shown = entry.linkname.decode("utf-8", "backslashreplace")
+        shown = display(entry.linkname)
         if not comps:
             raise Ext4Error(f"hardlink to the root directory ({shown!r})")
         try:

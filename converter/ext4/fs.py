@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from ..errors import shorten
 from . import xattr as xattrs_mod
 from .bitmap import Bitmap, BitSet
 from .budget import MODEL_BUDGET, STEP
@@ -92,7 +93,10 @@ _INODE_HEAD = struct.Struct("<" + INODE_CORE.format.lstrip("<") + INODE_EXTRA.fo
 
 
 class Ext4Error(Exception):
-    """The filesystem cannot represent what was asked (bad name, missing parent, ...)."""
+    """The filesystem cannot represent what was asked (bad name, missing parent, ...). Shortened message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shorten(message))
 
 
 class FilesystemFullError(Ext4Error):
