@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import MAX_NAME, shorten
+from .bitmap import BitSet
 from .fs import BlockSink, Ext4Error, Filesystem, Inode
 from .layerstream import LayerStream
 from .layout import (
@@ -138,7 +139,11 @@ class LayerApplier:
         self.sink = _CoalescingSink(sink)
         self.label = label
         self.stats = LayerStats()
-        self._added: dict[int, set[bytes]] = {}  # directory inode -> names this layer created in it
+        # What this layer created or re-declared, for its own whiteouts: the inodes its names lead to (a new
+        # inode, or a directory, which has one name) in a bitmap, which costs nothing per entry, and the
+        # hardlink names apart (their inode may be a lower layer's, with lower names of its own).
+        self._added_inodes = BitSet(fs.geo.inodes_count + 1)
+        self._added_links: dict[int, set[bytes]] = {}  # directory inode -> hardlink names made in it
         # Parent paths already resolved in this layer; valid until something is removed.
         self._dir_cache: dict[tuple[bytes, ...], int] = {}
 
@@ -227,7 +232,10 @@ class LayerApplier:
                 self._remove(parent, base)
             inode = self._create_node(reader, entry)
             fs.link(parent, base, inode)
-        self._added.setdefault(parent, set()).add(base)
+        if entry.type == HARDLINK:
+            self._added_links.setdefault(parent, set()).add(base)
+        else:
+            self._added_inodes.add(fs.lookup(parent, base))  # type: ignore[arg-type]
 
     def _create_node(self, reader: TarReader, entry: TarEntry) -> Inode:
         fs = self.fs
@@ -391,7 +399,7 @@ class LayerApplier:
                 if not create:
                     raise Ext4Error(f"path component {name!r} does not exist")
                 inode = fs.mkdir(current, name, 0o755)
-                self._added.setdefault(current, set()).add(name)
+                self._added_inodes.add(inode.ino)
                 stack.append(inode.ino)
                 continue
             inode = fs.inodes[child]
@@ -410,7 +418,7 @@ class LayerApplier:
             if create:
                 # Every directory on an entry's path belongs to this layer's upper tree (as in an
                 # overlayfs upper dir), so a later opaque marker or whiteout of the same layer keeps it.
-                self._added.setdefault(current, set()).add(name)
+                self._added_inodes.add(child)
             stack.append(child)
         if create:
             self._dir_cache[key] = stack[-1]
@@ -442,20 +450,23 @@ class LayerApplier:
         child = self.fs.lookup(parent, name)
         if child is None:
             return
-        if name in self._added.get(parent, ()):
+        if self._is_added(parent, name, child):
             # Created by this layer: the whiteout only hides what lies below it.
             if self.fs.inodes[child].is_dir:
                 self._clear_lower(child)
             return
         self._remove(parent, name)
 
+    def _is_added(self, parent: int, name: bytes, child: int) -> bool:
+        """Did this layer create (or re-declare) `name` in directory `parent`, which leads to `child`?"""
+        return child in self._added_inodes or name in self._added_links.get(parent, ())
+
     def _clear_lower(self, dir_ino: int) -> None:
         """Remove every child of a directory that this layer did not create (recursively for kept dirs)."""
-        keep = self._added.get(dir_ino, set())
         children = self.fs.inodes[dir_ino].children
         assert children is not None
         for name, child in list(children.items()):
-            if name not in keep:
+            if not self._is_added(dir_ino, name, child):
                 self._remove(dir_ino, name)
             elif self.fs.inodes[child].is_dir:
                 self._clear_lower(child)
