@@ -162,3 +162,14 @@ def test_a_valid_layout_still_converts(tmp_path: Path) -> None:
                        [oci.sha256(L.make_tar([L.file("x", b"1")]))])
     result = convert(f"oci:{src}:v1", f"oci:{tmp_path / 'out'}:v1_obd", opts(tmp_path))
     assert result.pushed and result.layers_converted == 1
+
+
+def test_bad_data_past_the_checks_is_still_a_permanent_image_error(tmp_path: Path, monkeypatch) -> None:
+    """The last line: should a shape slip past converter/shape.py, convert() reports it as a permanent
+    ImageError, never as the AttributeError the webhook would retry."""
+    src = good_layout(tmp_path / "src")
+    with_manifest(layers_change(lambda ls: ls.append(None)))(src)
+    monkeypatch.setattr("converter.image.check_manifest", lambda doc, where: None)  # simulate a gap
+    with pytest.raises(ImageError, match=r"malformed image data \(AttributeError: ") as err:
+        convert(f"oci:{src}:v1", f"oci:{tmp_path / 'out'}:v1_obd", opts(tmp_path))
+    assert not is_transient(err.value) and isinstance(err.value.__cause__, AttributeError)

@@ -216,7 +216,7 @@ class Inode:
     target = b""
     rdev = (0, 0)
 
-    def __new__(cls, ino: int, mode: int, *args: int) -> Inode:
+    def __new__(cls, ino: int, mode: int, *args: int, **kwargs: int) -> Inode:
         if cls is Inode:
             cls = _KIND_CLASSES.get(mode & S_IFMT, Inode)
         return object.__new__(cls)
