@@ -124,7 +124,7 @@ def convert_main(argv: list[str]) -> int:
     import signal
     import threading
 
-    from .errors import ConversionError, TransientError
+    from .errors import ConversionError, TransientError, shorten
     from .options import ConvertOptions, RegistryOptions
     from .pipeline import ConversionAborted, convert
 
@@ -183,6 +183,7 @@ def convert_main(argv: list[str]) -> int:
             reporter.__exit__(None, None, None)
         aborted = bool(interrupted) or isinstance(exc, (KeyboardInterrupt, ConversionAborted))
         reason = "interrupted, nothing tagged" if aborted else str(exc).splitlines()[0] if str(exc) else repr(exc)
+        reason = shorten(reason)  # one bounded line, whatever the error carried
         code = 130 if aborted else 75 if isinstance(exc, TransientError) else 1
         if ns.json:
             print(json.dumps({"ok": False, "error": reason, "transient": isinstance(exc, TransientError),

@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PermanentError
+from .errors import ImageError  # defined with the other error bases; importable from here as before
+from .formats.lsmt import MAX_STACK_LAYERS
+from .shape import check_config, check_index, check_manifest, load_json_object
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -48,10 +50,6 @@ ANN_OPTIONS_DIGEST = "io.github.obd-autoconvert.options.digest"
 
 ATTESTATION_TYPE_KEY = "vnd.docker.reference.type"
 ATTESTATION_TYPE = "attestation-manifest"
-
-
-class ImageError(PermanentError):
-    """The source is not an image we can convert; the message names the manifest, layer or field."""
 
 
 class NotAnImageError(ImageError):
@@ -157,14 +155,14 @@ def parse_manifest(raw: bytes, media_type: str, where: str) -> dict[str, Any]:
     if media_type in DOCKER_SCHEMA1:
         raise ImageError(f"{where}: Docker schema 1 manifests are not supported (push the image again with a "
                          "current client to get schema 2)")
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise ImageError(f"{where}: manifest is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise ImageError(f"{where}: manifest is not a JSON object")
+    manifest = load_json_object(raw, where, "manifest")
     if manifest.get("schemaVersion") == 1:
         raise ImageError(f"{where}: Docker schema 1 manifests are not supported")
+    # Shape first: everything after this may use the checked fields as the spec types them.
+    if media_type in (OCI_INDEX, DOCKER_LIST) or (not media_type and "manifests" in manifest):
+        check_index(manifest, where)
+    else:
+        check_manifest(manifest, where)
     declared = manifest.get("mediaType")
     if declared and media_type and declared != media_type:
         raise ImageError(f"{where}: manifest says mediaType {declared!r} but was served as {media_type!r}")
@@ -197,17 +195,22 @@ def check_image_manifest(manifest: Mapping[str, Any], where: str) -> None:
             raise ImageError(f"{where}: layer {k + 1} descriptor lacks a digest or size")
 
 
+def check_layer_count(manifest: Mapping[str, Any], where: str, *, base_layer: bool) -> None:
+    """overlaybd opens at most MAX_STACK_LAYERS (255) layers, the base layer of --mkfs=false included:
+    a longer image would convert, but no overlaybd (nor our own `dump`) could open it."""
+    count = len(manifest.get("layers") or [])
+    limit = MAX_STACK_LAYERS - (1 if base_layer else 0)
+    if count > limit:
+        base = " (--mkfs=false adds the base layer)" if base_layer else ""
+        raise ImageError(f"{where}: {count} layers, but overlaybd stacks at most {MAX_STACK_LAYERS}{base}, so at "
+                         f"most {limit} may come from the image; squash some layers and push it again")
+
+
 def source_image(digest: str, media_type: str, manifest: dict[str, Any], config_raw: bytes,
                  where: str) -> SourceImage:
     """Combine a checked manifest with its config; diff_ids must match the layers one to one."""
-    try:
-        config = json.loads(config_raw)
-    except ValueError as exc:
-        raise ImageError(f"{where}: config is not valid JSON: {exc}") from None
-    rootfs = config.get("rootfs") if isinstance(config, dict) else None
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise ImageError(f"{where}: config has no rootfs.diff_ids list")
+    config = load_json_object(config_raw, where, "config")
+    diff_ids = check_config(config, where)
     layers = manifest["layers"]
     if len(diff_ids) != len(layers):
         raise ImageError(f"{where}: config rootfs.diff_ids has {len(diff_ids)} entries for {len(layers)} layers")

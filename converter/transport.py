@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from .registry import (
     parse_reference,
 )
 from .registry.reference import _HOST_RE, DIGEST_RE, MAX_REPOSITORY, REPOSITORY_RE, TAG_RE
+from .shape import check_index, load_json_object
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -252,7 +252,12 @@ class Store:
         distribution 1.1 tag schema (an OCI index tagged `sha256-<hex>` listing the referrers)."""
         tag = subject.replace(":", "-", 1)
         current = self.find_manifest(tag)
-        manifests = list(json.loads(current.raw).get("manifests") or []) if current is not None else []
+        manifests: list[dict[str, Any]] = []
+        if current is not None:
+            where = f"{self.name}:{tag}"
+            existing = load_json_object(current.raw, where, "referrers index")
+            check_index(existing, where, "referrers index")
+            manifests = list(existing["manifests"])
         if any(m.get("digest") == descriptor["digest"] for m in manifests):
             return
         manifests.append(dict(descriptor))
@@ -338,10 +343,14 @@ class LayoutStore(Store):
         return self.path / "blobs" / algo / hexpart
 
     def _index(self) -> list[dict[str, Any]]:
+        """The entries of index.json, checked as data (a layout is input like any manifest)."""
         try:
-            return list(json.loads((self.path / "index.json").read_bytes()).get("manifests") or [])
+            raw = (self.path / "index.json").read_bytes()
         except FileNotFoundError:
             return []
+        index = load_json_object(raw, self.name, "index.json")
+        check_index(index, self.name, "index.json")
+        return list(index["manifests"])
 
     def _write_index(self, manifests: list[dict[str, Any]]) -> None:
         data = canonical({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -376,11 +385,9 @@ class LayoutStore(Store):
             raise NotFoundError(f"{self.name}: manifest {digest} is missing from blobs/") from None
         if sha256_digest(raw) != digest:
             raise DigestMismatchError(f"{self.name}: manifest blob {digest} has digest {sha256_digest(raw)}")
-        try:
-            media_type = json.loads(raw).get("mediaType") or entry.get("mediaType") or ""
-        except ValueError:
-            raise ImageError(f"{self.name}: manifest {digest} is not valid JSON") from None
-        if media_type not in MANIFEST_TYPES:
+        body = load_json_object(raw, self.name, f"manifest {digest}")
+        media_type = body.get("mediaType") or entry.get("mediaType") or ""
+        if not isinstance(media_type, str) or media_type not in MANIFEST_TYPES:
             raise ImageError(f"{self.name}: {digest} has unsupported manifest media type {media_type!r}")
         return Manifest(raw, media_type, digest)
 

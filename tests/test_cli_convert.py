@@ -117,3 +117,18 @@ def test_sigterm_aborts_cleanly_without_a_tag(registry, tmp_path: Path) -> None:
         tags = []
     assert tags == []
     assert not list(tmp_path.glob("obd-convert-*")), "temp blobs left behind"
+
+
+def test_error_line_stays_short_for_a_huge_entry_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14 item 6: a 600 KB tar name whose last component is too long gives a one-line error of a few KB."""
+    from tests.test_ext4_bounds import finish, member, special
+
+    name = "a/" * 300_000 + "n" * 300
+    tar = finish(special(b"L", name.encode() + b"\0"), member("placeholder"))
+    src = write_layout(tmp_path / "src", [(tar, oci.LAYER_TYPES["oci"]["none"])], [oci.sha256(tar)])
+    assert main(["--input", f"oci:{src}:v1", "--output", f"oci:{tmp_path / 'out'}:x", *common(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("obd-convert: error: ")]
+    assert "name component longer than 255 bytes" in line and "chars cut" in line
+    assert len(err) < 5000
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from ..errors import MAX_NAME, shorten
+from .bitmap import BitSet
 from .fs import BlockSink, Ext4Error, Filesystem, Inode
 from .layerstream import LayerStream
 from .layout import (
@@ -40,6 +42,7 @@ from .tarstream import (
     TarEntry,
     TarFormatError,
     TarReader,
+    display,
 )
 from .xattr import XattrError, split_name
 
@@ -57,6 +60,8 @@ class LayerApplyError(Exception):
     """A layer could not be applied. The message names the layer and the tar entry."""
 
     def __init__(self, layer: str, entry: str | None, problem: str) -> None:
+        entry = shorten(entry, MAX_NAME) if entry else entry
+        problem = shorten(problem)
         where = f"layer {layer}" + (f", entry {entry!r}" if entry else "")
         super().__init__(f"{where}: {problem}")
         self.layer = layer
@@ -134,7 +139,11 @@ class LayerApplier:
         self.sink = _CoalescingSink(sink)
         self.label = label
         self.stats = LayerStats()
-        self._added: dict[int, set[bytes]] = {}  # directory inode -> names this layer created in it
+        # What this layer created or re-declared, for its own whiteouts: the inodes its names lead to (a new
+        # inode, or a directory, which has one name) in a bitmap, which costs nothing per entry, and the
+        # hardlink names apart (their inode may be a lower layer's, with lower names of its own).
+        self._added_inodes = BitSet(fs.geo.inodes_count + 1)
+        self._added_links: dict[int, set[bytes]] = {}  # directory inode -> hardlink names made in it
         # Parent paths already resolved in this layer; valid until something is removed.
         self._dir_cache: dict[tuple[bytes, ...], int] = {}
 
@@ -155,7 +164,9 @@ class LayerApplier:
                 self._apply_entry(reader, entry)
         except LayerApplyError:
             raise
-        except (TarFormatError, Ext4Error, XattrError) as exc:
+        except TarFormatError as exc:
+            raise LayerApplyError(self.label, exc.entry or self._current_name(reader), str(exc)) from exc
+        except (Ext4Error, XattrError) as exc:
             raise LayerApplyError(self.label, self._current_name(reader), str(exc)) from exc
         except (OSError, EOFError, ValueError) as exc:
             # Decompression errors (truncated or corrupt gzip/zstd) surface here.
@@ -221,7 +232,10 @@ class LayerApplier:
                 self._remove(parent, base)
             inode = self._create_node(reader, entry)
             fs.link(parent, base, inode)
-        self._added.setdefault(parent, set()).add(base)
+        if entry.type == HARDLINK:
+            self._added_links.setdefault(parent, set()).add(base)
+        else:
+            self._added_inodes.add(fs.lookup(parent, base))  # type: ignore[arg-type]
 
     def _create_node(self, reader: TarReader, entry: TarEntry) -> Inode:
         fs = self.fs
@@ -257,12 +271,13 @@ class LayerApplier:
         raise Ext4Error(f"unsupported tar entry type {entry.type!r}")
 
     def _set_metadata(self, inode: Inode, entry: TarEntry) -> None:
+        intern = self.fs.intern
         if inode.kind != S_IFLNK:
-            inode.mode = (inode.mode & ~0o7777) | (entry.mode & 0o7777)
+            inode.mode = intern((inode.mode & ~0o7777) | (entry.mode & 0o7777))
         if entry.uid < 0 or entry.uid > 0xFFFFFFFF or entry.gid < 0 or entry.gid > 0xFFFFFFFF:
             raise Ext4Error(f"uid/gid out of range: {entry.uid}/{entry.gid}")
-        inode.uid, inode.gid = entry.uid, entry.gid
-        inode.mtime, inode.mtime_ns = entry.mtime, entry.mtime_ns
+        inode.uid, inode.gid = intern(entry.uid), intern(entry.gid)
+        inode.mtime, inode.mtime_ns = intern(entry.mtime), entry.mtime_ns
         xattrs = {}
         for name, value in entry.xattrs.items():
             try:
@@ -384,7 +399,7 @@ class LayerApplier:
                 if not create:
                     raise Ext4Error(f"path component {name!r} does not exist")
                 inode = fs.mkdir(current, name, 0o755)
-                self._added.setdefault(current, set()).add(name)
+                self._added_inodes.add(inode.ino)
                 stack.append(inode.ino)
                 continue
             inode = fs.inodes[child]
@@ -403,7 +418,7 @@ class LayerApplier:
             if create:
                 # Every directory on an entry's path belongs to this layer's upper tree (as in an
                 # overlayfs upper dir), so a later opaque marker or whiteout of the same layer keeps it.
-                self._added.setdefault(current, set()).add(name)
+                self._added_inodes.add(child)
             stack.append(child)
         if create:
             self._dir_cache[key] = stack[-1]
@@ -411,7 +426,7 @@ class LayerApplier:
 
     def _resolve_link_target(self, entry: TarEntry) -> int:
         comps = clean_path(entry.linkname)
-        shown = entry.linkname.decode("utf-8", "backslashreplace")
+        shown = display(entry.linkname)
         if not comps:
             raise Ext4Error(f"hardlink to the root directory ({shown!r})")
         try:
@@ -435,20 +450,23 @@ class LayerApplier:
         child = self.fs.lookup(parent, name)
         if child is None:
             return
-        if name in self._added.get(parent, ()):
+        if self._is_added(parent, name, child):
             # Created by this layer: the whiteout only hides what lies below it.
             if self.fs.inodes[child].is_dir:
                 self._clear_lower(child)
             return
         self._remove(parent, name)
 
+    def _is_added(self, parent: int, name: bytes, child: int) -> bool:
+        """Did this layer create (or re-declare) `name` in directory `parent`, which leads to `child`?"""
+        return child in self._added_inodes or name in self._added_links.get(parent, ())
+
     def _clear_lower(self, dir_ino: int) -> None:
         """Remove every child of a directory that this layer did not create (recursively for kept dirs)."""
-        keep = self._added.get(dir_ino, set())
         children = self.fs.inodes[dir_ino].children
         assert children is not None
         for name, child in list(children.items()):
-            if name not in keep:
+            if not self._is_added(dir_ino, name, child):
                 self._remove(dir_ino, name)
             elif self.fs.inodes[child].is_dir:
                 self._clear_lower(child)

@@ -59,7 +59,11 @@ class ImageBuilder:
         try:
             if self.fs is None:
                 self.fs = Filesystem.mkfs(self.vsize, uuid=self._fs_uuid, hash_seed=self._hash_seed)
-            stats = LayerApplier(self.fs, sink, label).apply(stream)
+            self.fs.applying(True)
+            try:
+                stats = LayerApplier(self.fs, sink, label).apply(stream)
+            finally:
+                self.fs.applying(False)
         except LayerApplyError as exc:
             self._failed = str(exc)
             raise

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from ..errors import shorten
 from . import xattr as xattrs_mod
-from .bitmap import Bitmap
+from .bitmap import Bitmap, BitSet
+from .budget import MODEL_BUDGET, STEP
 from .hashing import dx_hash_many, seed_words
 from .layout import (
     BG_BLOCK_UNINIT,
@@ -65,9 +67,11 @@ from .layout import (
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
+    S_IFIFO,
     S_IFLNK,
     S_IFMT,
     S_IFREG,
+    S_IFSOCK,
     SUPERBLOCK_OFFSET,
     Extent,
     GroupDesc,
@@ -84,11 +88,15 @@ INODE_RATIO = 16384
 RESERVED_PERCENT = 5
 LOG_GROUPS_PER_FLEX = 4
 INODES_PER_TABLE_BLOCK = BLOCK_SIZE // INODE_SIZE
+TABLE_BLOCKS_PER_WRITE = 256  # inode table blocks encoded and written at once (1 MiB), not a whole layer's
 _INODE_HEAD = struct.Struct("<" + INODE_CORE.format.lstrip("<") + INODE_EXTRA.format.lstrip("<"))
 
 
 class Ext4Error(Exception):
-    """The filesystem cannot represent what was asked (bad name, missing parent, ...)."""
+    """The filesystem cannot represent what was asked (bad name, missing parent, ...). Shortened message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shorten(message))
 
 
 class FilesystemFullError(Ext4Error):
@@ -173,14 +181,20 @@ class Geometry:
 
 
 _NO_BLOCKS: list[int] = []  # shared by every inode without an extent tree; only ever replaced, never mutated
+_NO_EXTENTS: list[Extent] = []  # shared by every inode without data blocks; only ever replaced, never mutated
+INTERN_LIMIT = 1 << 16  # distinct attribute values shared between inodes (see Filesystem.intern)
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class Inode:
-    """One inode of the model. Directories carry their children; files their extents."""
+    """One inode of the model: what every kind has. Files carry their extents; `Inode(...)` returns a
+    DirInode, SymlinkInode or SpecialInode for those kinds, which add their own fields.
+
+    Memory: a layer can hold millions of inodes, so each kind has only the slots it uses (a slot is 8
+    bytes per inode) and the fields a kind lacks read as class-level defaults. The kind of an inode
+    never changes: a tar entry of another type replaces the inode."""
 
     __slots__ = (
-        "children",
         "extents",
         "flags",
         "gid",
@@ -189,16 +203,23 @@ class Inode:
         "mode",
         "mtime",
         "mtime_ns",
-        "parent",
-        "rdev",
         "size",
-        "target",
         "tree_blocks",
         "uid",
         "xattr_area",
         "xattr_block",
         "xattrs",
     )
+    # Defaults of the fields only some kinds carry (see the subclasses); read-only on other kinds.
+    children: dict[bytes, int] | None = None
+    parent = 0
+    target = b""
+    rdev = (0, 0)
+
+    def __new__(cls, ino: int, mode: int, *args: int, **kwargs: int) -> Inode:
+        if cls is Inode:
+            cls = _KIND_CLASSES.get(mode & S_IFMT, Inode)
+        return object.__new__(cls)
 
     def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
         self.ino = ino
@@ -210,15 +231,11 @@ class Inode:
         self.size = 0
         self.links = 1
         self.flags = 0
-        self.extents: list[Extent] = []
+        self.extents: list[Extent] = _NO_EXTENTS
         self.tree_blocks: list[int] = _NO_BLOCKS
-        self.target = b""  # symlink target
-        self.rdev = (0, 0)  # device major, minor
         self.xattrs: Mapping[str, bytes] = _NO_XATTRS  # replaced, never mutated
         self.xattr_block = 0
         self.xattr_area = b""
-        self.children: dict[bytes, int] | None = {} if mode & S_IFMT == S_IFDIR else None
-        self.parent = 0
 
     @property
     def kind(self) -> int:
@@ -232,6 +249,79 @@ class Inode:
     def uses_extents(self) -> bool:
         kind = self.mode & S_IFMT
         return kind in (S_IFREG, S_IFDIR) or (kind == S_IFLNK and len(self.target) > FAST_SYMLINK_MAX)
+
+
+class DirInode(Inode):
+    """A directory: its children by name, and its parent (for '..')."""
+
+    __slots__ = ("children", "parent")
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.children: dict[bytes, int] = {}
+        self.parent = 0
+
+
+class SymlinkInode(Inode):
+    __slots__ = ("target",)
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.target = b""
+
+
+class SpecialInode(Inode):
+    """A character or block device, FIFO or socket: (major, minor) numbers."""
+
+    __slots__ = ("rdev",)
+
+    def __init__(self, ino: int, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> None:
+        super().__init__(ino, mode, uid, gid, mtime, mtime_ns)
+        self.rdev = (0, 0)
+
+
+_KIND_CLASSES: dict[int, type[Inode]] = {S_IFDIR: DirInode, S_IFLNK: SymlinkInode, S_IFCHR: SpecialInode,
+                                         S_IFBLK: SpecialInode, S_IFIFO: SpecialInode, S_IFSOCK: SpecialInode}
+
+
+class InodeTable:
+    """The model's inodes by number: a list indexed by inode number (None where free) instead of a dict,
+    which costs ~50 bytes per inode more. Inode numbers are dense (next-fit from 11 upwards), so the list
+    is as long as the highest number in use. Offers the dict operations the model uses."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self) -> None:
+        self._slots: list[Inode | None] = []
+
+    def __getitem__(self, ino: int) -> Inode:
+        inode = self._slots[ino] if 0 <= ino < len(self._slots) else None
+        if inode is None:
+            raise KeyError(ino)
+        return inode
+
+    def get(self, ino: int) -> Inode | None:
+        return self._slots[ino] if 0 <= ino < len(self._slots) else None
+
+    def __contains__(self, ino: object) -> bool:
+        return isinstance(ino, int) and self.get(ino) is not None
+
+    def __setitem__(self, ino: int, inode: Inode) -> None:
+        slots = self._slots
+        if ino >= len(slots):
+            slots.extend([None] * (ino + 1 - len(slots)))
+        slots[ino] = inode
+
+    def __delitem__(self, ino: int) -> None:
+        if ino not in self:
+            raise KeyError(ino)
+        self._slots[ino] = None
+
+    def values(self) -> Iterator[Inode]:
+        return (inode for inode in self._slots if inode is not None)
+
+    def __len__(self) -> int:
+        return sum(inode is not None for inode in self._slots)
 
 
 def _runs_to_extents(runs: list[tuple[int, int]], logical: int = 0) -> list[Extent]:
@@ -257,6 +347,14 @@ def _physical_blocks(extents: list[Extent]) -> list[int]:
     return [e.physical + i for e in extents for i in range(e.length)]
 
 
+def _bounded_runs(blocks: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """_runs_of, with long runs cut into pieces of at most `limit` (the sink sees the same bytes: the LSMT
+    writer joins consecutive writes into one record)."""
+    for start, count in _runs_of(blocks):
+        for k in range(0, count, limit):
+            yield start + k, min(limit, count - k)
+
+
 def _runs_of(blocks: list[int]) -> Iterator[tuple[int, int]]:
     """Contiguous runs (start, count) of a list of block numbers, in list order."""
     i = 0
@@ -275,7 +373,7 @@ class Filesystem:
         groups = geometry.groups
         self.block_map = Bitmap(geometry.blocks_count, groups * BLOCK_SIZE)
         self.inode_map = Bitmap(geometry.inodes_count)
-        self.inodes: dict[int, Inode] = {}
+        self.inodes = InodeTable()
         self.used_dirs = [0] * groups
         self.free_blocks = [0] * groups
         self.free_inodes = [0] * groups
@@ -287,11 +385,18 @@ class Filesystem:
         self.itable_unused = [0] * groups
         # Inodes loaded from an existing filesystem and not changed since: written back verbatim.
         self.raw_inodes: dict[int, bytes] = {}
-        self.dirty_inodes: set[int] = set()
+        # A bitmap, not a set: a layer may dirty millions of inodes (an int and a hash slot each in a set).
+        self.dirty_inodes = BitSet(geometry.inodes_count + 1)
         self.dirty_dirs: set[int] = set()
         self.dirty_block_groups: set[int] = set()
         self.dirty_inode_groups: set[int] = set()
         self.seed = seed_words(sb.s_hash_seed)
+        self._interned: dict[int, int] = {}
+        # Inodes held, against the process-wide budget shared with concurrent conversions (budget.py).
+        self._budget = MODEL_BUDGET
+        self._budget_key = MODEL_BUDGET.register(self)
+        self._live = 0
+        self._reserved = 0
         self._fresh = True  # until the first flush: skip writing blocks that are all zero
         self.reset_cursors()
 
@@ -340,6 +445,29 @@ class Filesystem:
         fs.dirty_dirs.add(ROOT_INO)
         fs.mkdir(ROOT_INO, b"lost+found", 0o700)
         return fs
+
+    def intern(self, value: int) -> int:
+        """One shared int object per distinct mode, owner or mtime, so that a million files stamped alike
+        do not hold a million equal ints (32 bytes each). Bounded: past INTERN_LIMIT values, no sharing."""
+        shared = self._interned.get(value)
+        if shared is not None:
+            return shared
+        if len(self._interned) < INTERN_LIMIT:
+            self._interned[value] = value
+        return value
+
+    def count_inodes(self, count: int) -> None:
+        """Account for `count` more (or, negative, fewer) inodes in the model against the shared budget;
+        may wait there while other conversions use it up (budget.py)."""
+        self._live += count
+        if self._live > self._reserved:
+            step = -(-(self._live - self._reserved) // STEP) * STEP
+            self._budget.reserve(self._budget_key, step)
+            self._reserved += step
+
+    def applying(self, active: bool) -> None:
+        """A layer starts (True) or ends (False): while applying, other conversions may wait for us."""
+        self._budget.applying(self._budget_key, active)
 
     def reset_cursors(self) -> None:
         """Restart next-fit allocation from the start (done once per layer, like the reference tools)."""
@@ -415,7 +543,11 @@ class Filesystem:
 
     def new_inode(self, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_ns: int = 0) -> Inode:
         ino = self._allocate_inode(mode & S_IFMT == S_IFDIR)
-        inode = Inode(ino, mode, uid, gid, mtime, mtime_ns)
+        self._live += 1
+        if self._live > self._reserved:
+            self.count_inodes(0)
+        intern = self.intern
+        inode = Inode(ino, intern(mode), intern(uid), intern(gid), intern(mtime), mtime_ns)
         self.inodes[ino] = inode
         self.dirty_inodes.add(ino)
         return inode
@@ -479,6 +611,7 @@ class Filesystem:
         if inode.is_dir:
             self.used_dirs[group] -= 1
         del self.inodes[inode.ino]
+        self._live -= 1
         self.dirty_inodes.add(inode.ino)  # its table slot is rewritten as zeros
         self.dirty_dirs.discard(inode.ino)
 
@@ -492,7 +625,11 @@ class Filesystem:
     def allocate_file_blocks(self, inode: Inode, count: int, logical: int = 0) -> list[Extent]:
         """Allocate `count` data blocks for file blocks logical.. and record them as extents."""
         extents = _runs_to_extents(self.allocate_blocks(count), logical)
-        if inode.extents and extents:
+        if not inode.extents:
+            inode.extents = list(extents)  # never extend the shared empty list
+            self.dirty_inodes.add(inode.ino)
+            return extents
+        if extents:
             last, first = inode.extents[-1], extents[0]
             if (
                 last.logical + last.length == first.logical
@@ -516,19 +653,24 @@ class Filesystem:
         for ino in sorted(self.dirty_dirs):
             if ino in self.inodes:
                 self._write_directory(self.inodes[ino], sink)
-        for ino in sorted(self.dirty_inodes):
+        for ino in self.dirty_inodes:  # ascending
             inode = self.inodes.get(ino)
             if inode is not None:
                 self._write_inode_blocks(inode, sink)
         self._write_inode_tables(sink)
         self._write_bitmaps_and_descriptors(sink)
-        for ino in self.dirty_inodes:
-            self.raw_inodes.pop(ino, None)
+        if self.raw_inodes:
+            for ino in self.dirty_inodes:
+                self.raw_inodes.pop(ino, None)
         self.dirty_inodes.clear()
         self.dirty_dirs.clear()
         self.dirty_block_groups.clear()
         self.dirty_inode_groups.clear()
         self._fresh = False
+        if self._reserved - self._live > 2 * STEP:  # a layer removed many inodes: let others have them
+            spare = (self._reserved - self._live) // STEP * STEP - STEP
+            self._budget.give_back(self._budget_key, spare)
+            self._reserved -= spare
 
     def _write_run(self, sink: BlockSink, blocks: list[int], data: list[bytes]) -> None:
         i = 0
@@ -716,9 +858,13 @@ class Filesystem:
 
     def _write_inode_tables(self, sink: BlockSink) -> None:
         ipg = self.geo.inodes_per_group
-        table_blocks = sorted({(ino - 1) // INODES_PER_TABLE_BLOCK for ino in self.dirty_inodes})
+        table_blocks: list[int] = []
+        for ino in self.dirty_inodes:  # ascending
+            tb = (ino - 1) // INODES_PER_TABLE_BLOCK
+            if not table_blocks or table_blocks[-1] != tb:
+                table_blocks.append(tb)
         zero = bytes(INODE_SIZE)
-        for start, count in _runs_of(table_blocks):
+        for start, count in _bounded_runs(table_blocks, TABLE_BLOCKS_PER_WRITE):
             chunk = []
             for tb in range(start, start + count):
                 first = tb * INODES_PER_TABLE_BLOCK + 1

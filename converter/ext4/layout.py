@@ -511,7 +511,7 @@ EXTENT_LEAF = struct.Struct("<IHHI")  # ee_block ee_len ee_start_hi ee_start_lo
 EXTENT_INDEX = struct.Struct("<IIHH")  # ei_block ei_leaf_lo ei_leaf_hi ei_unused
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per file with data, ~100 bytes less than with a __dict__
 class Extent:
     logical: int  # first file block
     physical: int  # first disk block

@@ -144,6 +144,7 @@ def _load_inodes(fs: Filesystem, disk: Disk) -> None:
             if ino < FIRST_INO and ino != ROOT_INO:
                 continue  # reserved inodes (journal, resize inode, ...) are kept verbatim, never modelled
             fs.inodes[ino] = _decode_inode(disk, ino, raw)
+    fs.count_inodes(len(fs.inodes))
     for inode in fs.inodes.values():
         if inode.is_dir:
             _load_directory(fs, disk, inode)

@@ -8,6 +8,11 @@ fails loudly (naming the byte offset and the entry) and yields sparse maps as th
 Supported: typeflags 0/\\0/7 (file), 1 (hardlink), 2 (symlink), 3/4 (devices), 5 (dir), 6 (fifo),
 x/g (PAX, per-entry and global), L/K (GNU long names), S (old GNU sparse), PAX GNU sparse 0.0, 0.1
 and 1.0; octal and base-256 numbers; PAX path/linkpath/size/uid/gid/mtime/SCHILY.xattr.*.
+
+Bounds (like Go's archive/tar): a PAX `x` or `g` header, a GNU `L`/`K` long name and a sparse map may
+each hold at most MAX_SPECIAL (1 MiB); the PAX records pending for one entry and the global ones each
+stay within MAX_SPECIAL too. Anything larger is refused before it is read into memory, with a short
+error naming the offset and the record's own name. Names quoted in messages are shortened (MAX_NAME).
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
+from ..errors import MAX_NAME, shorten
+
 if TYPE_CHECKING:
     from .layerstream import LayerStream
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 CHUNK = 1 << 20
+MAX_SPECIAL = 1 << 20  # bytes of one special record or sparse map (Go's archive/tar maxSpecialFileSize)
+SPECIAL_KINDS = {b"x": "PAX extended header", b"g": "PAX global header", b"L": "GNU long name",
+                 b"K": "GNU long link name"}  # fmt: skip
 
 REGULAR_TYPES = (b"0", b"\0", b"7")
 HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
@@ -33,7 +43,13 @@ KNOWN_TYPES = {*REGULAR_TYPES, HARDLINK, SYMLINK, CHARDEV, BLOCKDEV, DIRECTORY, 
 
 
 class TarFormatError(ValueError):
-    """The layer is not a valid tar stream; the message names the offset and the entry."""
+    """The layer is not a valid tar stream; the message names the offset and the entry.
+
+    `entry` names the record at fault when it is not the reader's current entry (a special header)."""
+
+    def __init__(self, message: str, entry: str | None = None) -> None:
+        super().__init__(shorten(message))
+        self.entry = entry
 
 
 @dataclass
@@ -64,7 +80,14 @@ class TarEntry:
 
     @property
     def display_name(self) -> str:
-        return self.name.decode("utf-8", "backslashreplace")
+        """The name for messages: decoded, and shortened to MAX_NAME characters."""
+        return display(self.name)
+
+
+def display(name: bytes) -> str:
+    """A tar name as shown in messages: undecodable bytes escaped, at most MAX_NAME characters."""
+    # names are at most MAX_SPECIAL bytes (a GNU long name or PAX path), so decoding one whole is cheap
+    return shorten(name.decode("utf-8", "backslashreplace"), MAX_NAME)
 
 
 def _number(field_bytes: bytes, what: str, offset: int) -> int:
@@ -108,8 +131,20 @@ def _cstr(b: bytes) -> bytes:
     return b.split(b"\0", 1)[0]
 
 
+def _pax_int(pax: dict[str, bytes], key: str, offset: int) -> int:
+    try:
+        return int(pax[key])
+    except ValueError:
+        raise TarFormatError(f"PAX header before offset {offset}: {key} is not a number: {pax[key][:40]!r}") from None
+
+
+def _pax_size(records: dict[str, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in records.items())
+
+
 def _parse_pax(data: bytes, offset: int) -> dict[str, bytes]:
     records: dict[str, bytes] = {}
+    sparse_map: list[bytes] = []  # GNU sparse 0.0 offsets and sizes, joined once at the end
     pos = 0
     while pos < len(data):
         if data[pos] == 0:
@@ -128,10 +163,12 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, bytes]:
         key = key_bytes.decode("utf-8", "surrogateescape")
         if key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
             # GNU sparse 0.0 repeats these two keys once per segment: keep them all, in order.
-            records["GNU.sparse.map"] = records.get("GNU.sparse.map", b"") + b"," + value
+            sparse_map.append(value)
         else:
             records[key] = value
         pos += length
+    if sparse_map:
+        records["GNU.sparse.map"] = b",".join(sparse_map)
     return records
 
 
@@ -248,6 +285,7 @@ class TarReader:
         if self._pending:
             self._skip(self._pending)
             self._pending = 0
+        self.current = None  # errors from here on are about the next record, not the one just read
         pax: dict[str, bytes] = {}
         long_name: bytes | None = None
         long_link: bytes | None = None
@@ -264,14 +302,22 @@ class TarReader:
             typeflag = header[156:157]
             size = _number(header[124:136], "size", offset)
             if "size" in pax and typeflag not in (b"x", b"g"):
-                size = int(pax["size"])
-            if typeflag in (b"x", b"g", b"L", b"K"):
+                size = _pax_int(pax, "size", offset)
+                if size < 0:
+                    raise TarFormatError(f"PAX header before offset {offset}: negative size {size}")
+            if typeflag in SPECIAL_KINDS:
+                if size > MAX_SPECIAL or size < 0:
+                    name = display(_cstr(header[0:100]))
+                    raise TarFormatError(f"{SPECIAL_KINDS[typeflag]} at offset {offset} is {size} bytes; at most "
+                                         f"{MAX_SPECIAL} are allowed", entry=name)
                 data = self._read_bytes(size)
                 self._skip(-size % BLOCK)
                 if typeflag == b"x":
                     pax.update(_parse_pax(data, offset))
+                    self._check_pax_total(pax, "pending PAX records", header, offset)
                 elif typeflag == b"g":
                     self._global.update(_parse_pax(data, offset))
+                    self._check_pax_total(self._global, "global PAX records", header, offset)
                 elif typeflag == b"L":
                     long_name = _cstr(data)
                 else:
@@ -288,6 +334,14 @@ class TarReader:
             return entry
 
     @staticmethod
+    def _check_pax_total(records: dict[str, bytes], what: str, header: bytes, offset: int) -> None:
+        """Several PAX headers in a row may not add up to more than one could hold."""
+        total = _pax_size(records)
+        if total > MAX_SPECIAL:
+            raise TarFormatError(f"{what} at offset {offset} add up to {total} bytes; at most {MAX_SPECIAL} are "
+                                 "allowed", entry=display(_cstr(header[0:100])))
+
+    @staticmethod
     def _check_checksum(header: bytes, offset: int) -> None:
         stored = header[148:156]
         text = stored.split(b"\0", 1)[0].strip(b" ")
@@ -297,7 +351,7 @@ class TarReader:
             raise TarFormatError(f"invalid tar header at offset {offset}: checksum field {stored!r}") from None
         unsigned = _byte_sum(header[:148]) + _byte_sum(header[156:412]) + _byte_sum(header[412:]) + 8 * 0x20
         if expected != unsigned and expected != _signed_checksum(header):
-            name = _cstr(header[0:100]).decode("utf-8", "backslashreplace")
+            name = display(_cstr(header[0:100]))
             raise TarFormatError(
                 f"bad tar header checksum at offset {offset} (entry {name!r}): stored {expected}, computed {unsigned}"
             )
@@ -328,15 +382,15 @@ class TarReader:
         if "linkpath" in pax:
             linkname = pax["linkpath"]
         if typeflag not in KNOWN_TYPES:
-            shown = name.decode("utf-8", "backslashreplace")
+            shown = display(name)
             raise TarFormatError(f"unsupported tar entry type {typeflag!r} for {shown!r} at offset {offset}")
         device = typeflag in (CHARDEV, BLOCKDEV)
         entry = TarEntry(
             name=name,
             type=typeflag,
             mode=_number(header[100:108], "mode", offset) & 0o7777,
-            uid=int(pax["uid"]) if "uid" in pax else _number(header[108:116], "uid", offset),
-            gid=int(pax["gid"]) if "gid" in pax else _number(header[116:124], "gid", offset),
+            uid=_pax_int(pax, "uid", offset) if "uid" in pax else _number(header[108:116], "uid", offset),
+            gid=_pax_int(pax, "gid", offset) if "gid" in pax else _number(header[116:124], "gid", offset),
             size=size,
             mtime=_number(header[136:148], "mtime", offset),
             linkname=linkname,
@@ -357,9 +411,13 @@ class TarReader:
     def _pax_sparse_0x(entry: TarEntry, pax: dict[str, bytes]) -> None:
         """GNU sparse formats 0.0 and 0.1 carry the map in PAX records."""
         if "GNU.sparse.realsize" in pax or "GNU.sparse.size" in pax:
-            entry.realsize = int(pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size", b"0")))
+            key = "GNU.sparse.realsize" if "GNU.sparse.realsize" in pax else "GNU.sparse.size"
+            entry.realsize = _pax_int(pax, key, entry.offset)
         if "GNU.sparse.map" in pax and pax.get("GNU.sparse.major") != b"1":
-            numbers = [int(x) for x in pax["GNU.sparse.map"].split(b",") if x]
+            try:
+                numbers = [int(x) for x in pax["GNU.sparse.map"].split(b",") if x]
+            except ValueError:
+                raise TarFormatError(f"entry {entry.display_name!r}: GNU.sparse.map holds a non-number") from None
             if len(numbers) % 2:
                 raise TarFormatError(f"entry {entry.display_name!r}: odd number of values in GNU.sparse.map")
             entry.sparse = list(zip(numbers[0::2], numbers[1::2], strict=True))
@@ -376,7 +434,12 @@ class TarReader:
 
         take(header[386:482], 4)
         extended = header[482]
+        read = 0
         while extended:
+            read += BLOCK
+            if read > MAX_SPECIAL:
+                raise TarFormatError(f"entry {entry.display_name!r} at offset {entry.offset}: old GNU sparse map "
+                                     f"extends over more than {MAX_SPECIAL} bytes")
             ext = self._read_bytes(BLOCK)
             take(ext[:504], 21)
             extended = ext[504]
@@ -384,18 +447,26 @@ class TarReader:
         entry.realsize = _parse_number(header[483:495], "realsize", entry.offset)
 
     def _read_sparse_1_0_map(self, entry: TarEntry) -> None:
-        """GNU sparse 1.0: the map is a list of decimal lines at the start of the data, padded to 512."""
-        buf = b""
+        """GNU sparse 1.0: the map is a list of decimal lines at the start of the data, padded to 512.
+        At most MAX_SPECIAL bytes of map, like the other special records."""
+        buf = bytearray()
+        pos = 0
         consumed = 0
 
         def next_number() -> int:
-            nonlocal buf, consumed
-            while b"\n" not in buf:
-                block = self._read_bytes(BLOCK)
+            nonlocal pos, consumed
+            while (end := buf.find(b"\n", pos)) < 0:
+                if consumed + BLOCK > MAX_SPECIAL or consumed + BLOCK > self._data_left:
+                    raise TarFormatError(f"entry {entry.display_name!r} at offset {entry.offset}: GNU sparse 1.0 "
+                                         f"map is unterminated or longer than {MAX_SPECIAL} bytes")
+                buf.extend(self._read(BLOCK))
                 consumed += BLOCK
-                buf += block
-            line, _, buf = buf.partition(b"\n")
-            return int(line)
+            line, pos = bytes(buf[pos:end]), end + 1
+            try:
+                return int(line)
+            except ValueError:
+                raise TarFormatError(f"entry {entry.display_name!r}: GNU sparse 1.0 map line {line[:40]!r} is not "
+                                     "a number") from None
 
         count = next_number()
         entry.sparse = [(next_number(), next_number()) for _ in range(count)]

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import shorten
 from .hashing import xattr_block_hash, xattr_entry_hash
 from .layout import BLOCK_SIZE, INODE_SIZE, INODE_XATTR_OFFSET
 
@@ -42,7 +43,11 @@ _ACL_TAGS = {ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTH
 
 
 class XattrError(ValueError):
-    """An extended attribute that cannot be stored (unknown namespace, malformed ACL, too large)."""
+    """An extended attribute that cannot be stored (unknown namespace, malformed ACL, too large).
+    The message is shortened: a PAX record may name an attribute of up to 1 MiB."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shorten(message))
 
 
 @dataclass(frozen=True)

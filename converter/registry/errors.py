@@ -53,7 +53,7 @@ class UnsupportedManifestError(RegistryPermanentError):
     """Schema 1 or an unknown manifest media type."""
 
 
-class InvalidReferenceError(ValueError, PermanentError):
+class InvalidReferenceError(PermanentError, ValueError):  # PermanentError first: its __init__ bounds the message
     """An image reference that does not parse; the message names the bad part."""
 
 
