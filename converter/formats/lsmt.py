@@ -315,8 +315,10 @@ class LsmtLayer:
     """
 
     def __init__(self, view: RandomAccess, *, wrapper: TarWrapping | None = None,
-                 zfile: ZFileReader | None = None, on_close: Callable[[], None] | None = None) -> None:
+                 zfile: ZFileReader | None = None, on_close: Callable[[], None] | None = None,
+                 warp: bool = False) -> None:
         self.view = view
+        self.warp = warp  # a turbo meta layer (turbooci §2): tags kept and rebased, tag 1 = remote data
         self.name = view.name
         self.wrapper = wrapper
         self.zfile = zfile
@@ -335,6 +337,7 @@ class LsmtLayer:
         self.lengths = array("Q")
         self.moffsets = array("Q")
         self.zeroed = bytearray()
+        self.tags = bytearray()  # all 0 for a native layer (its tags are not meaningful)
         self.padding_entries = 0
         self._load_index()
 
@@ -361,6 +364,9 @@ class LsmtLayer:
         raw = self.view.pread(t.index_offset, t.index_size * 16)
         lo_sector, hi_sector = HT_SPACE // SECTOR, t.index_offset // SECTOR
         prev_end, prev_no = 0, -1
+        # a warp file's tags are rebased by the smallest one present (open_warpfile_ro, turbooci §2.5)
+        base_tag = min((hi >> _TAG_SHIFT for lo, hi in _ENTRY.iter_unpack(raw)
+                        if lo & INVALID_OFFSET != INVALID_OFFSET), default=0) if self.warp else 0
         for no, (lo, hi) in enumerate(_ENTRY.iter_unpack(raw)):
             offset = lo & INVALID_OFFSET
             if offset == INVALID_OFFSET:
@@ -370,7 +376,14 @@ class LsmtLayer:
             where = f"{self.name}: LSMT index entry {no} (offset {offset}, length {length}, moffset {moff})"
             if offset < prev_end:
                 raise FormatError(f"{where}: not sorted / overlaps entry {prev_no} ending at sector {prev_end}")
-            if zero:
+            tag = (hi >> _TAG_SHIFT) - base_tag if self.warp else 0
+            if tag > 1:
+                raise FormatError(f"{where}: tag {tag + base_tag} (rebased {tag}); a meta layer has only "
+                                  f"tags 0 (metadata) and 1 (remote data)")
+            if tag == 1:
+                if zero or length == 0:
+                    raise FormatError(f"{where}: a remote-data (tag 1) entry must be a non-empty data entry")
+            elif zero:
                 if not lo_sector <= moff <= hi_sector:
                     raise FormatError(f"{where}: zeroed entry moffset outside [{lo_sector}, {hi_sector}]")
             elif not (lo_sector <= moff < hi_sector and lo_sector < moff + length <= hi_sector):
@@ -379,6 +392,7 @@ class LsmtLayer:
             self.lengths.append(length)
             self.moffsets.append(moff)
             self.zeroed.append(zero)
+            self.tags.append(tag)
             prev_end, prev_no = offset + length, no
 
     def __len__(self) -> int:
@@ -386,7 +400,8 @@ class LsmtLayer:
 
     def iter_entries(self) -> Iterator[SegmentMapping]:
         for i in range(len(self.offsets)):
-            yield SegmentMapping(self.offsets[i], self.lengths[i], self.moffsets[i], bool(self.zeroed[i]))
+            yield SegmentMapping(self.offsets[i], self.lengths[i], self.moffsets[i], bool(self.zeroed[i]),
+                                 self.tags[i])
 
     def pread_data(self, byte_offset: int, length: int) -> bytes:
         return self.view.pread(byte_offset, length)
