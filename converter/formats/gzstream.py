@@ -232,7 +232,8 @@ class GzipIndexStream:
             raise RuntimeError("GzipIndexStream.index_file() before the end of the gzip stream")
         return self._index
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """End the child (a thread blocked in read() then gets an error); safe to call more than once."""
         if self._requests < 0:
             return
         self._stop.set()
@@ -243,7 +244,14 @@ class GzipIndexStream:
         except subprocess.TimeoutExpired:
             self._proc.kill()  # still inflating: it would only notice the closed pipe at its next slot
             self._proc.wait()
+
+    def close(self) -> None:
+        """stop(), then release the pipes and the shared memory: no thread may be in read() any more."""
+        if self._replies < 0:
+            return
+        self.stop()
         os.close(self._replies)
+        self._replies = -1
         if self._pump is not None:
             self._pump.join()
         self._view.release()
