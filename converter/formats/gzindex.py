@@ -467,6 +467,14 @@ class GzipIndex:
     def uncompressed_size(self) -> int:
         return self.header.uncompress_file_size
 
+    @property
+    def size(self) -> int:
+        """The uncompressed stream's size: with pread() and close() a RandomAccess view of the tar."""
+        return self.header.uncompress_file_size
+
+    def close(self) -> None:
+        """The target belongs to the caller; nothing to release here."""
+
     def attach(self, target: RandomAccess) -> None:
         if target.size != self.header.gzip_file_size:
             raise FormatError(f"{self.name}: gzip_file_size {self.header.gzip_file_size} does not match the "

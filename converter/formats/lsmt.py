@@ -338,6 +338,7 @@ class LsmtLayer:
         self.moffsets = array("Q")
         self.zeroed = bytearray()
         self.tags = bytearray()  # all 0 for a native layer (its tags are not meaningful)
+        self.remote: RandomAccess | None = None  # a warp layer's original tar, serving tag-1 entries
         self.padding_entries = 0
         self._load_index()
 
@@ -367,6 +368,10 @@ class LsmtLayer:
         # a warp file's tags are rebased by the smallest one present (open_warpfile_ro, turbooci §2.5)
         base_tag = min((hi >> _TAG_SHIFT for lo, hi in _ENTRY.iter_unpack(raw)
                         if lo & INVALID_OFFSET != INVALID_OFFSET), default=0) if self.warp else 0
+        if base_tag:
+            raise FormatError(f"{self.name}: meta layer has no tag-0 (metadata) entry, its smallest tag is "
+                              f"{base_tag}: overlaybd would rebase the tags and read remote data from the meta "
+                              f"blob (turbooci §2.5)")
         for no, (lo, hi) in enumerate(_ENTRY.iter_unpack(raw)):
             offset = lo & INVALID_OFFSET
             if offset == INVALID_OFFSET:
@@ -403,8 +408,26 @@ class LsmtLayer:
             yield SegmentMapping(self.offsets[i], self.lengths[i], self.moffsets[i], bool(self.zeroed[i]),
                                  self.tags[i])
 
-    def pread_data(self, byte_offset: int, length: int) -> bytes:
-        return self.view.pread(byte_offset, length)
+    def attach_remote(self, tar: RandomAccess) -> None:
+        """Serve this warp layer's tag-1 entries from `tar` (the original layer's uncompressed tar),
+        after checking that every tag-1 range lies inside it."""
+        if not self.warp:
+            raise FormatError(f"{self.name}: only a meta (warp) layer reads remote data")
+        for i in range(len(self.offsets)):
+            if self.tags[i] == 1 and (self.moffsets[i] + self.lengths[i]) * SECTOR > tar.size:
+                raise FormatError(f"{self.name}: LSMT index entry (offset {self.offsets[i]}, length "
+                                  f"{self.lengths[i]}, tar sector {self.moffsets[i]}) reads up to tar byte "
+                                  f"{(self.moffsets[i] + self.lengths[i]) * SECTOR}, past the end of the original "
+                                  f"layer's tar {tar.name} ({tar.size} bytes)")
+        self.remote = tar
+
+    def pread_data(self, byte_offset: int, length: int, tag: int = 0) -> bytes:
+        """Data of an entry: tag 0 from this blob, tag 1 from the original tar (warp layers)."""
+        if tag == 0:
+            return self.view.pread(byte_offset, length)
+        if self.remote is None:
+            raise FormatError(f"{self.name}: remote data read without the original layer attached")
+        return self.remote.pread(byte_offset, length)
 
     def close(self) -> None:
         self.view.close()
