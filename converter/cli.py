@@ -12,7 +12,8 @@ from typing import Any
 from .formats.common import FormatError
 from .formats.layer import sha256_file
 from .formats.lsmt import LsmtHeaderTrailer, LsmtLayer
-from .formats.stack import StackedReader, open_layer
+from .formats.stack import StackedReader, open_any, open_layer
+from .formats.turbo import TurboLayerSpec, describe_turbo_blob, open_turbo_meta
 from .formats.zfile import ZFileHeaderTrailer
 
 SUBCOMMANDS = ("inspect", "dump")
@@ -257,20 +258,68 @@ def describe_layer(layer: LsmtLayer, *, verify_blocks: bool) -> dict[str, Any]:
         "first_lba": layer.offsets[0] if len(layer) else None,
         "end_lba": layer.offsets[-1] + layer.lengths[-1] if len(layer) else None,
     }
+    if layer.warp:
+        tag1 = [i for i in range(len(layer)) if layer.tags[i] == 1]
+        index["tag0_entries"] = len(layer) - len(tag1)
+        index["tag1_entries"] = len(tag1)
+        index["tag1_bytes"] = sum(layer.lengths[i] for i in tag1) * 512
+        index["tar_end"] = max(((layer.moffsets[i] + layer.lengths[i]) * 512 for i in tag1), default=0)
+        checks.append("meta layer: tags 0/1 only, at least one tag-0 entry")
+        if layer.remote is not None:
+            index["tar_size"] = layer.remote.size
+            checks.append("every tag-1 range inside the original tar")
     wrapper = dataclasses.asdict(layer.wrapper) if layer.wrapper is not None else None
     return {"tar": wrapper, "zfile": zfile_info, "lsmt": {"size": layer.size, "header": _lsmt_ht(layer.header),
             "trailer": _lsmt_ht(layer.trailer), "index": index}, "checks_passed": checks}
 
 
+def layer_arg(text: str) -> str | TurboLayerSpec:
+    """A stack member on the command line: a native blob `PATH`, or a turbo layer `META=ORIGINAL[@DIGEST]`
+    (META a turboOCIv1.tar.gz or ext4.fs.meta, ORIGINAL the original layer blob, DIGEST its expected
+    sha256:…; an ORIGINAL inside an OCI layout, `blobs/sha256/<hex>`, is checked against its name)."""
+    if os.path.exists(text) or "=" not in text:
+        return text
+    for i, ch in enumerate(text):
+        if ch != "=":
+            continue
+        meta, target = text[:i], text[i + 1:]
+        digest = None
+        if "@sha256:" in target:
+            target, _, hexdigest = target.rpartition("@sha256:")
+            digest = "sha256:" + hexdigest
+        if os.path.exists(meta) and os.path.exists(target):
+            parent = os.path.basename(os.path.dirname(os.path.abspath(target)))
+            name = os.path.basename(target)
+            if digest is None and parent == "sha256" and len(name) == 64:
+                digest = "sha256:" + name
+            return TurboLayerSpec(meta=meta, target=target, target_digest=digest)
+    raise FormatError(f"{text}: no such layer blob, and not META=ORIGINAL with both files present")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     results, status = [], 0
-    for path in args.blobs:
-        entry: dict[str, Any] = {"path": path}
+    for arg in args.blobs:
+        entry: dict[str, Any] = {"path": arg}
         try:
+            item = layer_arg(arg)
+            path = item.meta if isinstance(item, TurboLayerSpec) else item
             entry["size"] = os.path.getsize(path)
             with open(path, "rb") as f:
                 entry["digest"] = sha256_file(f.fileno())
-            with open_layer(path, verify_blocks=not args.no_verify) as layer:
+            turbo = describe_turbo_blob(path)  # None for a native blob or a bare ext4.fs.meta
+            if isinstance(item, TurboLayerSpec):
+                turbo = turbo or {}
+                turbo["original"] = {"path": item.target, "size": os.path.getsize(item.target),
+                                     "expected_digest": item.target_digest}
+            if turbo is not None:
+                entry["turbo"] = turbo
+            if isinstance(item, TurboLayerSpec):
+                opened = open_any(item, verify_blocks=not args.no_verify)
+            elif turbo is not None:
+                opened = open_turbo_meta(path, verify_blocks=not args.no_verify)
+            else:
+                opened = open_layer(path, verify_blocks=not args.no_verify)
+            with opened as layer:
                 entry.update(describe_layer(layer, verify_blocks=not args.no_verify))
             entry["ok"] = True
         except (FormatError, OSError) as exc:
@@ -284,7 +333,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _dump(args: argparse.Namespace) -> int:
     try:
-        with StackedReader(args.blobs, verify_blocks=not args.no_verify) as stack:
+        with StackedReader([layer_arg(a) for a in args.blobs], verify_blocks=not args.no_verify) as stack:
             stack.materialize(args.output)
             print(json.dumps({"output": args.output, "virtual_size": stack.virtual_size,
                               "layers": len(stack.layers)}))
@@ -294,14 +343,22 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+TURBO_ARG_HELP = ("A turbo layer is given as META=ORIGINAL[@sha256:HEX]: META the turboOCIv1.tar.gz (or a bare "
+                  "ext4.fs.meta), ORIGINAL the original layer blob it reads file data from, HEX its expected "
+                  "digest (the descriptor's turbo-oci/target-digest; implied for ORIGINAL inside an OCI layout, "
+                  "blobs/sha256/HEX). inspect also takes a turboOCIv1.tar.gz alone.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="obd-convert", description="overlaybd layer tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="decode and validate layer blobs, print JSON")
+    p = sub.add_parser("inspect", help="decode and validate layer blobs, print JSON",
+                       epilog=TURBO_ARG_HELP)
     p.add_argument("blobs", nargs="+", metavar="BLOB")
     p.add_argument("--no-verify", action="store_true", help="skip the per-block ZFile CRC pass")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("dump", help="materialise a stack of layer blobs (bottom to top) as a sparse raw disk")
+    p = sub.add_parser("dump", help="materialise a stack of layer blobs (bottom to top) as a sparse raw disk",
+                       epilog=TURBO_ARG_HELP)
     p.add_argument("--output", "-o", required=True, help="raw disk file to write")
     p.add_argument("blobs", nargs="+", metavar="BLOB")
     p.add_argument("--no-verify", action="store_true", help="do not check ZFile block CRCs while reading")

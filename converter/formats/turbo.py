@@ -344,7 +344,8 @@ def open_turbo_layer(spec: TurboLayerSpec, *, verify_blocks: bool = True) -> Lsm
             tar = target
         if not is_zfile(meta_view.pread(0, min(ZF_HT_SPACE, meta_view.size))):
             raise FormatError(f"{meta_view.name}: a meta layer must be a bare ZFile (turbooci §2.1)")
-        layer = LsmtLayer(ZFileReader(meta_view, verify_blocks=verify_blocks), warp=True, on_close=close_all)
+        zfile = ZFileReader(meta_view, verify_blocks=verify_blocks)
+        layer = LsmtLayer(zfile, zfile=zfile, warp=True, on_close=close_all)
     except BaseException:
         close_all()
         raise
@@ -364,3 +365,41 @@ def _is_gzip_file(path: str) -> bool:
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def describe_turbo_blob(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """What `obd-convert inspect` reports about a turboOCIv1.tar.gz (None when `path` is not gzip): its
+    validated members, DiffID and gzip index header."""
+    if not _is_gzip_file(os.fspath(path)):
+        return None
+    blob = read_turbo_blob(path)
+    try:
+        members = [{"name": blob.meta_name, "size": blob.meta_size}, {"name": MEMBER_MARKER, "size": 0}]
+        info: dict[str, object] = {"diff_id": blob.diff_id, "members": members}
+        if blob.gzip_index is not None:
+            members.append({"name": MEMBER_GZIP_INDEX, "size": len(blob.gzip_index)})
+            index = GzipIndex(blob.gzip_index, name=f"{os.fspath(path)}!{MEMBER_GZIP_INDEX}")
+            h = index.header
+            info["gzip_index"] = {"entries": h.index_num, "span": h.span, "gzip_file_size": h.gzip_file_size,
+                                  "uncompress_file_size": h.uncompress_file_size,
+                                  "checkpoints": [{"de_pos": e[0], "en_pos": e[1], "bits": e[3]}
+                                                  for e in index.entries]}
+        return info
+    finally:
+        blob.close()
+
+
+def open_turbo_meta(path: str | os.PathLike[str], *, verify_blocks: bool = True) -> LsmtLayer:
+    """The meta layer of a turboOCIv1.tar.gz on its own (no original attached: for inspection; its
+    tag-1 data cannot be read)."""
+    blob = read_turbo_blob(path)
+    try:
+        view = FileView(os.fspath(path), fd=blob.meta.fileno(), size=blob.meta_size,
+                        name=f"{os.fspath(path)}!{blob.meta_name}")
+        if not is_zfile(view.pread(0, min(ZF_HT_SPACE, view.size))):
+            raise FormatError(f"{view.name}: a meta layer must be a bare ZFile (turbooci §2.1)")
+        zfile = ZFileReader(view, verify_blocks=verify_blocks)
+        return LsmtLayer(zfile, zfile=zfile, warp=True, on_close=blob.close)
+    except BaseException:
+        blob.close()
+        raise
