@@ -47,6 +47,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     src.add_argument("-g", "--input-digest", help="source digest (instead of a tag)")
     src.add_argument("-o", "--output-tag", "--overlaybd", dest="output_tag",
                      help="tag to push the overlaybd image as (default: <input-tag>_obd)")
+    src.add_argument("--turboOCI", "--fastoci", dest="turbo_oci", metavar="TAG",
+                     help="build a TurboOCIv1 image (meta layers over the original blobs) tagged TAG; alone: only "
+                          "that image; with -o/--overlaybd: both images from one pass over the layers")
     src.add_argument("--output-repository", help="push into this repository instead of --repository "
                      "(same registry, or a full reference host/repo)")
     src.add_argument("--input", metavar="REF", help="source as a reference or oci:PATH[:TAG] (instead of -r/-i/-g)")
@@ -113,6 +116,28 @@ def _source_target(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> t
     return source, f"{repository}:{tag or 'latest_obd'}"
 
 
+def _turbo_targets(ns: argparse.Namespace, target: str) -> tuple[str, str | None, bool]:
+    """(target, additional turbo target, whether `target` is the turbo image) for --turboOCI TAG: the turbo
+    image goes where the native one would, tagged TAG; the native one is built only with -o/--overlaybd
+    (tagged so, also inside an --output location without a tag)."""
+    if not ns.turbo_oci:
+        return target, None, False
+    turbo = _retag(target, ns.turbo_oci)
+    if ns.output_tag:
+        return _retag(target, ns.output_tag) if ns.output else target, turbo, False
+    return turbo, None, True
+
+
+def _retag(target: str, tag: str) -> str:
+    from .transport import parse_location
+
+    loc = parse_location(target)
+    if loc.is_layout:
+        return f"oci:{loc.layout}:{tag}"
+    assert loc.reference is not None
+    return f"{loc.reference.registry}/{loc.reference.repository}:{tag}"
+
+
 def _has_host(repository: str) -> bool:
     first = repository.split("/", 1)[0]
     return "." in first or ":" in first or first == "localhost"
@@ -133,6 +158,7 @@ def convert_main(argv: list[str]) -> int:
     try:  # usage errors exit 2 through argparse; main() returns codes instead of exiting
         ns = parser.parse_args(argv)
         source, target = _source_target(ns, parser)
+        target, turbo_target, turbo_only = _turbo_targets(ns, target)
     except SystemExit as exc:
         return int(exc.code or 0)
     level = logging.DEBUG if ns.verbose else logging.INFO
@@ -174,7 +200,7 @@ def convert_main(argv: list[str]) -> int:
             fstype=ns.fstype, algorithm=ns.algorithm, block_size=ns.block_size, platforms=tuple(ns.platform),
             concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir, cache_url=ns.cache_url,
             use_cache=not ns.no_cache, force=ns.force, upload=not ns.no_upload, reserve=ns.reserve,
-            registry=registry, cancel=cancel)
+            registry=registry, cancel=cancel, turbo_oci=turbo_only, turbo_target=turbo_target)
         if reporter is not None:
             options.progress = reporter
             reporter.__enter__()
@@ -203,15 +229,23 @@ def convert_main(argv: list[str]) -> int:
     elif ns.dump_manifest:
         print(json.dumps(json.loads(result.raw), indent=2))
     if not ns.json:
-        if result.up_to_date:
-            what = f"{result.target} is up to date ({result.target_digest})"
-        elif result.pushed:
-            what = (f"pushed {result.target} {result.target_digest}: {result.layers_converted} layers converted, "
-                    f"{result.layers_reused} reused, {result.blobs_uploaded} blobs uploaded in {result.seconds:.2f} s")
-        else:
-            what = f"converted into {result.output_dir} (not uploaded): {result.target_digest}"
-        print(what, file=sys.stderr)
+        for one in (result, result.turbo):
+            if one is not None:
+                print(_summary(one), file=sys.stderr)
     return 0
+
+
+def _summary(result: Any) -> str:
+    """One line about one published image (a ConvertResult)."""
+    kind = "TurboOCI image " if result.kind == "turbo" else ""
+    if result.up_to_date:
+        return f"{kind}{result.target} is up to date ({result.target_digest})"
+    if result.pushed:
+        extra = f", {result.originals_copied} original layers copied or mounted" if result.originals_copied else ""
+        return (f"pushed {kind}{result.target} {result.target_digest}: {result.layers_converted} layers converted, "
+                f"{result.layers_reused} reused, {result.blobs_uploaded} blobs uploaded{extra} in "
+                f"{result.seconds:.2f} s")
+    return f"converted {kind}into {result.output_dir} (not uploaded): {result.target_digest}"
 
 
 def _lsmt_ht(ht: LsmtHeaderTrailer) -> dict[str, Any]:

@@ -25,11 +25,12 @@ from converter.options import ConvertOptions
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
 DEFAULT_SUFFIX = "_obd"
+DEFAULT_TURBO_SUFFIX = "_turbo"
 # gevent: one OS thread per HTTP process, requests as greenlets (about a third less CPU per event than
 # gthread, whose request threads spend it handing the GIL to each other); gthread: plain threads.
 HTTP_WORKER_CLASSES = ("gevent", "gthread")
 # ConvertOptions fields that belong to one run or to the service, not to a rule.
-NOT_RULE_OPTIONS = frozenset({"registry", "progress", "cancel", "upload", "reserve"})
+NOT_RULE_OPTIONS = frozenset({"registry", "progress", "cancel", "upload", "reserve", "turbo_oci", "turbo_target"})
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,23 @@ class Rule:
     exclude_tags: tuple[str, ...] = ()
     suffix: str = DEFAULT_SUFFIX
     options: Mapping[str, Any] = field(default_factory=dict)
+    overlaybd: bool = True  # publish the native overlaybd image `<tag><suffix>`
+    turbo_oci: bool = False  # publish a TurboOCIv1 image `<tag><turbo_suffix>` (both: one conversion, one pass)
+    turbo_suffix: str = DEFAULT_TURBO_SUFFIX
+
+    @property
+    def output_suffixes(self) -> tuple[str, ...]:
+        return ((self.suffix,) if self.overlaybd else ()) + ((self.turbo_suffix,) if self.turbo_oci else ())
+
+    def job_target(self, registry: str, repository: str, tag: str) -> tuple[str, dict[str, Any]]:
+        """(target tag, conversion options) of a job for this rule: the native tag with a turbo image next to
+        it, or the turbo tag alone."""
+        options = dict(self.options)
+        if not self.overlaybd:
+            return tag + self.turbo_suffix, {**options, "turbo_oci": True}
+        if self.turbo_oci:
+            options["turbo_target"] = f"{registry}/{repository}:{tag}{self.turbo_suffix}"
+        return tag + self.suffix, options
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,8 @@ class Config:
 
     @property
     def output_suffixes(self) -> tuple[str, ...]:
-        return tuple(sorted({rule.suffix for rule in self.rules}))
+        # every output tag a rule may publish, the turbo ones included: pushes of those are never converted again
+        return tuple(sorted({suffix for rule in self.rules for suffix in (rule.suffix, *rule.output_suffixes)}))
 
 
 def _tuple_of_str(value: Any, key: str) -> tuple[str, ...]:
@@ -189,6 +208,12 @@ def _build_rule(data: Any, where: str) -> Rule:
             raise ConfigError(f"{where}.tag_regex: invalid regular expression: {exc}") from exc
     if not rule.suffix or "/" in rule.suffix or ":" in rule.suffix:
         raise ConfigError(f"{where}.suffix: must be a non-empty tag fragment, got {rule.suffix!r}")
+    if not rule.turbo_suffix or "/" in rule.turbo_suffix or ":" in rule.turbo_suffix:
+        raise ConfigError(f"{where}.turbo_suffix: must be a non-empty tag fragment, got {rule.turbo_suffix!r}")
+    if not rule.overlaybd and not rule.turbo_oci:
+        raise ConfigError(f"{where}: overlaybd and turbo_oci are both false: the rule would publish nothing")
+    if rule.overlaybd and rule.turbo_oci and rule.suffix == rule.turbo_suffix:
+        raise ConfigError(f"{where}.turbo_suffix: must differ from suffix {rule.suffix!r} when both outputs are on")
     misplaced = sorted(set(rule.options) & NOT_RULE_OPTIONS)
     if misplaced:
         raise ConfigError(f"{where}.options: {', '.join(misplaced)} cannot be set per rule")

@@ -65,7 +65,9 @@ def default_convert(job: ConversionRequest) -> ConversionResult:
     return ConversionResult(
         target_ref=job.target_ref, target_digest=result.target_digest, bytes_written=result.bytes_written,
         details={"up_to_date": result.up_to_date, "layers_converted": result.layers_converted,
-                 "layers_reused": result.layers_reused, "seconds": result.seconds},
+                 "layers_reused": result.layers_reused, "seconds": result.seconds, "kind": result.kind,
+                 **({"turbo_target": result.turbo.target, "turbo_digest": result.turbo.target_digest}
+                    if result.turbo is not None else {})},
     )
 
 

@@ -35,10 +35,11 @@ def intake_for(event: RegistryEvent, config: Config) -> Intake:
     decision = decide(event, config)
     if decision.rule is None or event.tag is None or event.digest is None:
         return Intake(source=event.source, event_id=event.event_id, reason=decision.reason)
+    target_tag, options = decision.rule.job_target(event.registry, event.repository, event.tag)
     return Intake(source=event.source, event_id=event.event_id, job=NewJob(
         registry=event.registry, repository=event.repository, tag=event.tag, digest=event.digest,
-        target_tag=event.tag + decision.rule.suffix, rule=decision.rule.name,
-        options=decision.rule.options, media_type=event.media_type,
+        target_tag=target_tag, rule=decision.rule.name,
+        options=options, media_type=event.media_type,
     ))
 
 
