@@ -266,6 +266,7 @@ def read_turbo_blob(path: str | os.PathLike[str]) -> TurboBlob:
                 raise FormatError(f"{name}: turbo archive has members {seen}; it needs at least "
                                   f"{MEMBER_EXT4_META} and {MEMBER_MARKER}")
             meta.flush()
+            meta.seek(0)
             return TurboBlob(name=name, meta_name=meta_name, meta=meta, meta_size=meta_size, gzip_index=gz_index,
                              diff_id="sha256:" + inner.sha.hexdigest())
         except BaseException:

@@ -167,20 +167,29 @@ class MetaLayerWriter:
 
     def index_entries(self) -> list[WarpEntry]:
         """The final index as close() writes it; tag-0 moffsets still point into the spool (sectors)."""
-        if TAG_FS_META not in self._tags:
-            raise FormatError(f"{self.path}: a meta layer needs at least one tag-0 (metadata) entry; without "
-                              f"one, the reader's tag rebasing would read remote data from the meta blob (§2.5)")
-        # every record its own source, so pieces never coalesce across calls: records keep their identity
-        # (and their tag) and the greedy merge below decides exactly as overlaybd's commit does
-        pieces = resolve_extents(self._lbas, self._lens, (m & ~_ZEROED for m in self._moffs),
-                                 (bool(m & _ZEROED) for m in self._moffs), range(len(self._lbas)),
-                                 range(len(self._lbas)))
+        # A tag-1 call is cut into 16383-sector chunks before anything overrides part of it, as the RW
+        # index stores them. Every chunk and record is its own source, so pieces never coalesce across
+        # them: the greedy merge below then decides exactly as overlaybd's commit does.
+        lbas, lens, moffs, tags = array("Q"), array("Q"), array("Q"), bytearray()
+        for lba, n, moff, tag in zip(self._lbas, self._lens, self._moffs, self._tags, strict=True):
+            step = REMOTE_SPLIT if tag == TAG_REMOTE_DATA else n
+            for done in range(0, n, step):
+                lbas.append(lba + done)
+                lens.append(min(step, n - done))
+                moffs.append(moff if moff & _ZEROED else moff + done)
+                tags.append(tag)
+        pieces = resolve_extents(lbas, lens, (m & ~_ZEROED for m in moffs), (bool(m & _ZEROED) for m in moffs),
+                                 range(len(lbas)), range(len(lbas)))
         cut: list[WarpEntry] = []
         for lba, n, moff, zero, src in pieces:
-            tag = self._tags[src]
+            tag = tags[src]
             step = REMOTE_SPLIT if tag == TAG_REMOTE_DATA else META_SPLIT
             for done in range(0, n, step):
                 cut.append((lba + done, min(step, n - done), moff if zero else moff + done, zero, tag))
+        if not any(entry[4] == TAG_FS_META for entry in cut):
+            raise FormatError(f"{self.path}: a meta layer needs at least one tag-0 (metadata) entry, and no "
+                              f"metadata write survives; the reader's tag rebasing would read remote data from the "
+                              f"meta blob (turbooci §2.5)")
         return cut
 
     def close(self) -> MetaLayerInfo:
