@@ -1,6 +1,8 @@
 """The ext4 builder's TurboOCI mode (file data mapped to the tar, not written), judged like the native mode:
-every stack read back through a reference model of overlaybd's turbo reads (tests/harness/turbodisk.py),
-`e2fsck -fn` clean, and equal to the independent OCI model through debugfs and the kernel."""
+every stack of real meta layers (mixed with native layers where a source layer is zstd) read back by our
+stacked reader with tag-1 data served from the original blobs, `e2fsck -fn` clean, and equal to the
+independent OCI model through debugfs and the kernel. A reference model of overlaybd's turbo reads
+(tests/harness/turbodisk.py) sees the same calls and checks the mapping rules."""
 
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ from pathlib import Path
 import pytest
 
 from converter.ext4 import ImageBuilder, derive_fs_ids
+from converter.ext4.layerstream import LayerStream
+from converter.formats.layer import LayerBlobWriter
+from converter.formats.stack import StackedReader
+from converter.formats.turbo import TurboLayerSpec
+from converter.formats.warp import MetaLayerWriter
 from tests import ext4_judge as judge
 from tests.harness import layers as L
 from tests.harness.turbodisk import TurboRawDisk, apply_turbo, uncompressed
@@ -21,18 +28,55 @@ from tests.test_ext4_build import DEBUGFS_FIELDS, REAL, VSIZE, needs_mount, need
 TURBO_VECTORS = REAL.parent / "turbooci"
 
 
+class _Both:
+    """The real meta layer writer and the reference model, fed the same calls."""
+
+    def __init__(self, *sinks: object) -> None:
+        self.sinks = sinks
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        for sink in self.sinks:
+            sink.write(offset, data)  # type: ignore[attr-defined]
+
+    def map_remote(self, offset: int, length: int, tar_offset: int) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "map_remote"):
+                sink.map_remote(offset, length, tar_offset)  # type: ignore[attr-defined]
+
+
 def build_turbo(tmp_path: Path, layers: list[bytes], *, check_each: bool = True, debugfs: bool = True,
                 ids: tuple[bytes, bytes] = (bytes(16), bytes(16))) -> tuple[Path, list[list[tuple[int, int, int]]]]:
-    """Apply layers in turbo mode onto one stacked disk; after each (or the last), judge it."""
+    """Convert layers into real turbo meta layers (MetaLayerWriter; a zstd layer, which cannot be a turbo
+    layer, into a native blob: a mixed stack), the gzip index built in the same decompression pass. After
+    each layer (or the last) the stack is read back by our StackedReader, tag-1 data served from the
+    original blob (through the gzip index when gzip), and judged. The same calls also drive the reference
+    model (tests/harness/turbodisk.py), whose mappings are returned for assertions."""
     disk_path = tmp_path / "turbo.raw"
+    model = TurboRawDisk(tmp_path / "model.raw", VSIZE)
     builder = ImageBuilder(VSIZE, fs_uuid=ids[0], hash_seed=ids[1])
     mappings = []
-    with TurboRawDisk(disk_path, VSIZE) as disk:
+    stack: list[str | TurboLayerSpec] = []
+    try:
         for k, layer in enumerate(layers):
-            apply_turbo(builder, disk, layer, str(k + 1))
-            mappings.append(disk.mappings)
-            assert disk.meta_writes > 0  # a turbo layer always has tag-0 data (TurboOCI §2.5 pitfall)
+            model.start_layer(layer)
+            original = tmp_path / f"original{k}"
+            original.write_bytes(layer)
+            with LayerStream(io.BytesIO(layer), gzip_index=True) as tar:
+                if tar.compression == "zstd":
+                    with LayerBlobWriter(tmp_path / f"layer{k}.obd", virtual_size=VSIZE) as native:
+                        builder.apply_layer(tar, _Both(native, model), label=str(k + 1))
+                    stack.append(native.info.path)
+                else:
+                    with MetaLayerWriter(tmp_path / f"layer{k}.meta") as meta:
+                        builder.apply_layer(tar, None, label=str(k + 1), turbo=_Both(meta, model))
+                        tar.drain()
+                        info = meta.close()
+                    assert info.tag0_entries > 0  # never a layer of tag-1 entries only (TurboOCI §2.5 pitfall)
+                    stack.append(TurboLayerSpec(meta=info.path, target=str(original), gzip_index=tar.gzip_index()))
+            mappings.append(model.mappings)
             if check_each or k == len(layers) - 1:
+                with StackedReader(stack) as reader:
+                    reader.materialize(disk_path)
                 judge.e2fsck(disk_path)
                 expected = judge.expected_tree(layers[: k + 1])
                 if debugfs or not judge.can_mount():
@@ -40,6 +84,8 @@ def build_turbo(tmp_path: Path, layers: list[bytes], *, check_each: bool = True,
                 if judge.can_mount():
                     with judge.mounted(disk_path) as root:
                         judge.assert_same_tree(judge.kernel_tree(root), expected)
+    finally:
+        model.close()
     return disk_path, mappings
 
 

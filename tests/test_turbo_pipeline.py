@@ -312,3 +312,22 @@ def test_changed_original_blob_is_a_clear_error(oci_image_builder, tmp_path: Pat
     index = tmp_path / "out" / "index.json"
     assert not index.exists() or json.loads(index.read_bytes())["manifests"] == []  # nothing tagged
     assert "digest" in err  # the blob's digest check names the mismatch
+
+
+def test_registry_multi_arch_index_turbo(registry, oci_image_builder, push_image, tmp_path: Path, capsys) -> None:
+    images = [app_image("amd64", b"x86"), app_image("arm64", b"arm")]
+    built = oci_image_builder(images, attestation=True)
+    source_digest = push_image(built, registry, "multi/app:v1")
+    out = run(capsys, "-r", f"{registry.host}/multi/app", "-i", "v1", "--turboOCI", "v1_turbo", "--oci",
+              *plain_args(registry, tmp_path))
+    client = client_for(registry)
+    index = client.get_manifest("multi/app", "v1_turbo")
+    assert index.media_type == "application/vnd.oci.image.index.v1+json" and index.digest == out["target_digest"]
+    body = index.json()
+    assert body["annotations"][ANN_SOURCE_DIGEST] == source_digest
+    assert [c["platform"]["architecture"] for c in body["manifests"]] == ["amd64", "arm64"]  # attestations dropped
+    blobs = Blobs(tmp_path, client=client, repo="multi/app")
+    for child, source_raw in zip(body["manifests"], built.manifests, strict=True):
+        sources = [built.blobs[d["digest"]] for d in json.loads(source_raw)["layers"]]
+        assert judge_turbo(blobs, blobs.manifest(child["digest"]), sources, oci_types=True, mount=False) == \
+            ["turbo", "turbo"]
