@@ -331,3 +331,26 @@ def test_registry_multi_arch_index_turbo(registry, oci_image_builder, push_image
         sources = [built.blobs[d["digest"]] for d in json.loads(source_raw)["layers"]]
         assert judge_turbo(blobs, blobs.manifest(child["digest"]), sources, oci_types=True, mount=False) == \
             ["turbo", "turbo"]
+
+
+def test_a_meta_layer_mapping_past_the_tar_is_refused_with_the_layer_named(tmp_path: Path) -> None:
+    """The turbo output's own check before a meta layer is published (the reader refuses it too)."""
+    from converter.image import SourceLayer
+    from converter.options import ConvertOptions
+    from converter.outputs import LayerContext
+    from converter.outputs.turbo import TurboJob, TurboLayerError
+
+    layer = SourceLayer(0, "sha256:" + "a" * 64, 100, OCI_LAYER_TAR, "sha256:" + "b" * 64, "sha256:" + "b" * 64)
+    job = TurboJob(LayerContext(layer, None, 64 << 30, "none", tmp_path / "l0"), ConvertOptions())
+    job.meta.write(0, bytes(4096))
+    job.meta.map_remote(1 << 20, 4096, 10240)  # tar bytes 10240..14336
+
+    class ShortTar:
+        count = 12288  # the tar is shorter than the mapping
+
+        def gzip_index(self) -> None:
+            return None
+
+    with pytest.raises(TurboLayerError, match=r"layer 1 \(sha256:a+\): the meta layer maps tar bytes up to 14336"):
+        job.finish(ShortTar())  # type: ignore[arg-type]
+    assert not list(tmp_path.glob("l0*"))  # nothing half-written is left
