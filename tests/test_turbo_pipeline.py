@@ -169,7 +169,7 @@ def test_layout_to_layout_turbo_image_with_originals_and_a_native_zstd_layer(oci
 
 
 def test_both_outputs_from_one_pass_equal_separate_runs(oci_image_builder, tmp_path: Path, capsys) -> None:
-    built = oci_image_builder(app_image(), name="v1")
+    built = oci_image_builder(torture_image(), name="v1")
     both, turbo_only, native_only = tmp_path / "both", tmp_path / "turbo", tmp_path / "native"
     result = run(capsys, "--input", f"oci:{built.layout}:v1", "--output", f"oci:{both}", "--overlaybd", "v1_obd",
                  "--turboOCI", "v1_turbo", *common(tmp_path), "--no-cache")
@@ -181,6 +181,10 @@ def test_both_outputs_from_one_pass_equal_separate_runs(oci_image_builder, tmp_p
     assert layout_manifest(both, "v1_turbo")[0] == layout_manifest(turbo_only, "v1_turbo")[0]
     assert layout_manifest(both, "v1_obd")[0] == layout_manifest(native_only, "v1_obd")[0]
     assert result["turbo"]["target_digest"] == layout_manifest(both, "v1_turbo")[0]
+    # the zstd layer is the same native blob in both images of the run
+    native_layers = [x["digest"] for x in result["manifests"][0]["layers"]]
+    turbo_layers = [x["digest"] for x in result["turbo"]["manifests"][0]["layers"]]
+    assert [a == b for a, b in zip(native_layers, turbo_layers, strict=True)] == [False, True, False, False, False]
     sources = [built.blobs[d["digest"]] for d in json.loads(built.manifests[0])["layers"]]
     judge_turbo(Blobs(tmp_path, layout=both), layout_manifest(both, "v1_turbo")[1], sources, oci_types=False,
                 mount=False)
