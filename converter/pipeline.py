@@ -34,6 +34,7 @@ from .errors import ConversionError, PermanentError, TransientError
 from .ext4 import BlockSink, ImageBuilder, LayerApplyError, LayerStats, RemoteSink, derive_fs_ids
 from .ext4.layerstream import LayerStream
 from .formats.common import FormatError
+from .formats.gzindex import MultiMemberError
 from .formats.layer import BlobInfo, LayerBlobWriter, wrap_blob
 from .formats.stack import StackedReader
 from .image import (
@@ -132,6 +133,12 @@ class _Conversion:
         if opts.use_cache and opts.upload:
             self.cache = open_layer_cache(opts.cache_dir, opts.cache_url)
         self.base: BlobInfo | None = None
+        # source layers a turbo output converts natively after all: multi-member gzip (eStargz), whose
+        # second member no gzip index can reach (turbooci §3.6); found while reading, so the image is redone
+        self.native_layers: set[str] = set()
+        for t in targets:
+            if isinstance(t.output, TurboOutput):
+                t.output.native_layers = self.native_layers
 
     def cancelled(self) -> bool:
         """Our own flag (a sibling platform failed) or the caller's (SIGINT/SIGTERM in the CLI)."""
@@ -303,6 +310,25 @@ class _Conversion:
     def _convert_image(self, targets: list[_Target], digest: str, media_type: str, manifest: dict[str, Any],
                        where: str, *, platform: str, by_tag: bool, subject: dict[str, Any] | None
                        ) -> list[ManifestResult]:
+        while True:
+            try:
+                return self._convert_image_once(targets, digest, media_type, manifest, where, platform=platform,
+                                                by_tag=by_tag, subject=subject)
+            except LayerConversionError as exc:
+                source = _multi_member_layer(exc, manifest)
+                if source is None or not any(isinstance(t.output, TurboOutput) for t in targets):
+                    raise
+                with self._lock:
+                    if source in self.native_layers:
+                        raise
+                    self.native_layers.add(source)
+                log.warning("%s: layer %s is a multi-member gzip (eStargz?) blob, which a TurboOCI layer cannot "
+                            "serve; converting it natively and starting the image again (converted layers come "
+                            "from the reuse cache)", where, source)
+
+    def _convert_image_once(self, targets: list[_Target], digest: str, media_type: str, manifest: dict[str, Any],
+                            where: str, *, platform: str, by_tag: bool, subject: dict[str, Any] | None
+                            ) -> list[ManifestResult]:
         config_desc = manifest["config"]
         config_raw = self.src.read_blob(config_desc["digest"], config_desc.get("size"))
         image = source_image(digest, media_type, manifest, config_raw, where)
@@ -445,7 +471,7 @@ class _Conversion:
         tar: LayerStream | None = None
         jobs: list[LayerJob] = []
         blobs: list[LayerBlob] = []
-        turbo = any(isinstance(t.output, TurboOutput) for t in targets)
+        turbo = any(isinstance(t.output, TurboOutput) for t in targets) and layer.digest not in self.native_layers
         try:
             # decompressed and hashed (the diff_id) on a helper thread, ahead of the builder; for a turbo
             # output a gzip layer's random-access index is built in the same pass
@@ -581,6 +607,17 @@ class _Conversion:
                                CachedLayer(blob.layer.digest, blob.layer.size, t.dst.repository))
             self.emit("layer_uploaded", index=layer.index, digest=blob.layer.digest, size=blob.layer.size,
                       seconds=time.monotonic() - started, kind=t.output.kind)
+
+
+def _multi_member_layer(exc: BaseException, manifest: Mapping[str, Any]) -> str | None:
+    """The source layer digest if `exc` comes from reading a multi-member gzip layer in turbo mode."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, MultiMemberError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    layer = getattr(exc, "layer", "")
+    return next((d["digest"] for d in manifest["layers"] if d["digest"] in layer), None)
 
 
 def _targets(src: Store, src_loc: Location, target: str, opts: ConvertOptions, run_dir: Path,

@@ -358,3 +358,38 @@ def test_a_meta_layer_mapping_past_the_tar_is_refused_with_the_layer_named(tmp_p
     with pytest.raises(TurboLayerError, match=r"layer 1 \(sha256:a+\): the meta layer maps tar bytes up to 14336"):
         job.finish(ShortTar())  # type: ignore[arg-type]
     assert not list(tmp_path.glob("l0*"))  # nothing half-written is left
+
+
+def test_multi_member_gzip_layer_becomes_a_native_layer_of_the_turbo_image(oci_image_builder, tmp_path: Path,
+                                                                          capsys) -> None:
+    """eStargz-style layers are several gzip members; a gzip index covers only the first (§3.6). Found
+    while reading, the layer is converted natively and the image redone; the result says so."""
+    import gzip as gz
+
+    second = L.make_tar([L.file("b/one", b"1" * 5000), L.file("b/two", b"2" * 70000)])
+    cut = 512 * 3  # inside the tar, on a block boundary
+    members = gz.compress(second[:cut], mtime=0) + gz.compress(second[cut:], mtime=0)
+    image = oci.Image([oci.Layer([L.file("a/first", b"first layer")], compression="gzip"),
+                       oci.Layer(tar=second, compression="gzip")])
+    built = oci_image_builder(image, name="v1")
+    manifest = json.loads(built.manifests[0])
+    # replace layer 2's blob by the two-member form of the same tar (same diff_id)
+    old = manifest["layers"][1]
+    manifest["layers"][1] = {**old, "digest": oci.sha256(members), "size": len(members)}
+    (built.layout / "blobs" / "sha256" / oci.sha256(members)[7:]).write_bytes(members)
+    raw = json.dumps(manifest).encode()
+    (built.layout / "blobs" / "sha256" / oci.sha256(raw)[7:]).write_bytes(raw)
+    (built.layout / "index.json").write_bytes(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_MANIFEST, "digest": oci.sha256(raw), "size": len(raw),
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}).encode())
+    out_dir = tmp_path / "out"
+    result = run(capsys, "--input", f"oci:{built.layout}:v1", "--output", f"oci:{out_dir}", "--turboOCI", "t",
+                 "--oci", *common(tmp_path))
+    layers = result["manifests"][0]["layers"]
+    assert [x["format"] for x in layers] == ["turbo", "native"]
+    assert "multi-member" in layers[1]["note"]
+    # found while reading layer 2 in turbo mode: the image was redone, layer 1 from the reuse cache
+    assert [x["status"] for x in layers] == ["reused", "converted"]
+    sources = [built.blobs[manifest["layers"][0]["digest"]], members]
+    assert judge_turbo(Blobs(tmp_path, layout=out_dir), layout_manifest(out_dir, "t")[1], sources,
+                       oci_types=True) == ["turbo", "native"]

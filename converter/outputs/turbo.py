@@ -35,6 +35,8 @@ from . import LayerBlob, LayerContext, LayerJob, Lower, Output, Upload
 from .native import native_job
 
 ZSTD_NOTE = "zstd layer converted natively (TurboOCI has no random-access reader for zstd, turbooci §4)"
+MULTI_MEMBER_NOTE = ("multi-member gzip layer (eStargz?) converted natively (a gzip index covers only the first "
+                     "member, turbooci §3.6)")
 
 
 class TurboLayerError(ImageError):
@@ -119,6 +121,7 @@ class TurboOutput(Output):
     def __init__(self, dst: Store, tag: str, opts: ConvertOptions, src: Store) -> None:
         super().__init__(dst, tag, opts)
         self.src = src
+        self.native_layers: set[str] = set()  # source digests to convert natively (multi-member gzip)
         self.originals_copied = 0  # original blobs this run put into the target (mounted or uploaded)
 
     def cache_key(self, bytes_key: str) -> str:
@@ -127,6 +130,8 @@ class TurboOutput(Output):
     def start_layer(self, ctx: LayerContext) -> LayerJob:
         if ctx.compression == "zstd":
             return native_job(ctx, self.opts, ZSTD_NOTE)
+        if ctx.layer.digest in self.native_layers:
+            return native_job(ctx, self.opts, MULTI_MEMBER_NOTE)
         return TurboJob(ctx, self.opts)
 
     def needs_original(self, layer: SourceLayer) -> bool:
