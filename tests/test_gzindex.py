@@ -281,3 +281,16 @@ def test_bad_gzip_streams_fail_with_a_clear_error(mangle: object, message: str) 
     with GzipIndexStream(io.BytesIO(blob), name="layer 1/1") as stream, pytest.raises(FormatError, match=message):
         while stream.read():
             pass
+
+
+def test_child_that_finished_early_is_not_a_crash() -> None:
+    """A slow consumer: the child sends its last chunk and the index, then exits while the parent still
+    holds slots; handing those back must not count as the child dying (regression)."""
+    # 2.5 chunks: the child needs one slot back, then ends; compressible, so gzip.meta fits the pipe
+    data = (random.Random(3).randbytes(1000) * 2700)[:5 << 19]
+    with GzipIndexStream(io.BytesIO(gzip.compress(data, 1)), chunk_bytes=1 << 20) as stream:
+        first = stream.read()
+        assert stream._proc.wait(timeout=60) == 0  # everything is in the pipe now
+        rest = b"".join(iter(stream.read, b""))
+        assert first + rest == data
+        assert GzipIndex(stream.index_file()).uncompressed_size == len(data)

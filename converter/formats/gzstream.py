@@ -201,10 +201,13 @@ class GzipIndexStream:
             if status == _CHUNK:
                 start = slot * self._chunk
                 chunk = bytes(self._view[start:start + n])
-                _write_all(self._requests, _SLOT.pack(slot))
+                # a child that has sent its last chunk exits without waiting for its slots: a closed pipe
+                # here is normal; a child that really died shows as EOF on the next reply
+                with contextlib.suppress(BrokenPipeError):
+                    _write_all(self._requests, _SLOT.pack(slot))
                 return chunk
             payload = _read_exact(self._replies, n)
-        except (EOFError, BrokenPipeError):
+        except EOFError:
             raise self._died() from None
         self._ended = True
         if status == _END:
