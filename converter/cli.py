@@ -100,6 +100,8 @@ def _source_target(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             parser.error("give exactly one of -i/--input-tag and -g/--input-digest")
         source = f"{ns.repository}:{ns.input_tag}" if ns.input_tag else f"{ns.repository}@{ns.input_digest}"
     if ns.output:
+        if ns.output_tag and not _has_tag(ns.output):  # -o names the tag inside a tagless --output
+            return source, _retag(ns.output, ns.output_tag)
         return source, ns.output
     tag = ns.output_tag or (f"{ns.input_tag}_obd" if ns.input_tag else None)
     if not tag and not ns.no_upload:
@@ -124,8 +126,15 @@ def _turbo_targets(ns: argparse.Namespace, target: str) -> tuple[str, str | None
         return target, None, False
     turbo = _retag(target, ns.turbo_oci)
     if ns.output_tag:
-        return _retag(target, ns.output_tag) if ns.output else target, turbo, False
+        return target, turbo, False
     return turbo, None, True
+
+
+def _has_tag(target: str) -> bool:
+    from .transport import parse_location
+
+    loc = parse_location(target)
+    return bool(loc.tag or loc.digest)
 
 
 def _retag(target: str, tag: str) -> str:

@@ -393,3 +393,14 @@ def test_multi_member_gzip_layer_becomes_a_native_layer_of_the_turbo_image(oci_i
     sources = [built.blobs[manifest["layers"][0]["digest"]], members]
     assert judge_turbo(Blobs(tmp_path, layout=out_dir), layout_manifest(out_dir, "t")[1], sources,
                        oci_types=True) == ["turbo", "native"]
+
+
+def test_a_turbo_image_is_refused_as_input(oci_image_builder, tmp_path: Path, capsys) -> None:
+    built = oci_image_builder(app_image(), name="v1")
+    out_dir = tmp_path / "out"
+    run(capsys, "--input", f"oci:{built.layout}:v1", "--output", f"oci:{out_dir}", "--turboOCI", "t",
+        *common(tmp_path))
+    for flags in (["--turboOCI", "again"], ["-o", "native"]):
+        code = main(["--input", f"oci:{out_dir}:t", "--output", f"oci:{tmp_path / 'again'}", *flags,
+                     *common(tmp_path)])
+        assert code == 1 and "already in overlaybd format" in capsys.readouterr().err
