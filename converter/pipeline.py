@@ -594,7 +594,8 @@ class _Conversion:
 
                     if self._put(t, up, on_release=report if budget is not None else None) \
                             and up.digest == layer.digest:
-                        t.originals_uploaded += 1
+                        with self._lock:
+                            t.originals_uploaded += 1
                     released += up.size
                     if budget is not None:
                         budget.released(released)

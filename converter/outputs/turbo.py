@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ..cache import CachedLayer
@@ -122,7 +123,8 @@ class TurboOutput(Output):
         super().__init__(dst, tag, opts)
         self.src = src
         self.native_layers: set[str] = set()  # source digests to convert natively (multi-member gzip)
-        self.originals_copied = 0  # original blobs this run put into the target (mounted or uploaded)
+        self.originals_copied = 0  # original blobs this run mounted into the target
+        self._lock = threading.Lock()  # index children convert in parallel
 
     def cache_key(self, bytes_key: str) -> str:
         return sha256_digest(f"{bytes_key} turbo=ociv1".encode())
@@ -148,7 +150,8 @@ class TurboOutput(Output):
         same_registry = (self.dst.same_registry_mounts and self.src.same_registry_mounts
                          and self.dst.cache_registry == self.src.cache_registry)
         if same_registry and self.dst.mount_blob(layer.digest, self.src.repository):
-            self.originals_copied += 1
+            with self._lock:
+                self.originals_copied += 1
             return True
         return False
 
