@@ -404,3 +404,22 @@ def test_a_turbo_image_is_refused_as_input(oci_image_builder, tmp_path: Path, ca
         code = main(["--input", f"oci:{out_dir}:t", "--output", f"oci:{tmp_path / 'again'}", *flags,
                      *common(tmp_path)])
         assert code == 1 and "already in overlaybd format" in capsys.readouterr().err
+
+
+def test_registry_to_another_registry_copies_the_originals_while_reading(registry_factory, oci_image_builder,
+                                                                        push_image, tmp_path: Path,
+                                                                        capsys) -> None:
+    source, target = registry_factory(), registry_factory()
+    built = oci_image_builder(torture_image())
+    push_image(built, source, "app:v1")
+    result = run(capsys, "-r", f"{source.host}/app", "-i", "v1", "--turboOCI", "v1_turbo", "--output-repository",
+                 f"{target.host}/copied/app", *plain_args(source, tmp_path))
+    sources = [built.blobs[d["digest"]] for d in json.loads(built.manifests[0])["layers"]]
+    client = client_for(target)
+    # the four gzip/plain originals were uploaded (no mount across registries); the zstd one is not needed
+    assert result["originals_copied"] == 4
+    for blob, needed in zip(sources, [True, False, True, True, True], strict=True):
+        assert (client.blob_exists("copied/app", oci.sha256(blob)) == len(blob)) == needed
+    manifest = client.get_manifest("copied/app", "v1_turbo").json()
+    judge_turbo(Blobs(tmp_path, client=client, repo="copied/app"), manifest, sources, oci_types=False, mount=False)
+    assert not list(tmp_path.glob("obd-convert-*"))  # temp files (copies included) are gone
