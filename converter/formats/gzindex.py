@@ -505,7 +505,7 @@ class GzipIndex:
             raise FormatError(f"{self.name}: gzip index entry {no}: window does not decompress: {exc}") from None
 
     def pread(self, offset: int, length: int) -> bytes:
-        """`length` bytes of the uncompressed stream at `offset` (short at the end of the stream)."""
+        """`length` bytes of the uncompressed stream at `offset` (fewer only past the end of the stream)."""
         if self.target is None:
             raise FormatError(f"{self.name}: no target blob attached")
         if offset < 0 or length < 0:
@@ -533,18 +533,14 @@ class GzipIndex:
                         break
                     z.feed(self.target.pread(pos, n))
                     pos += n
-                room = min(len(out), skip + want) if skip else min(len(out), want)
+                room = min(len(out), skip + want)
                 rc = z.inflate(addr, room, Z_NO_FLUSH)
                 got = room - z.strm.avail_out
-                if skip:
-                    used = min(skip, got)
-                    skip -= used
-                    if got > used:
-                        parts.append(ctypes.string_at(addr + used, got - used))
-                        want -= got - used
-                elif got:
-                    parts.append(ctypes.string_at(addr, got))
-                    want -= got
+                skipped = min(skip, got)  # output before `offset` is inflated and dropped
+                skip -= skipped
+                if got > skipped:
+                    parts.append(ctypes.string_at(addr + skipped, got - skipped))
+                    want -= got - skipped
                 if rc == Z_STREAM_END or (rc == Z_BUF_ERROR and not got):
                     break
         finally:

@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from .common import FormatError
 from .gzindex import CHUNK_BYTES, GzipIndexer, MultiMemberError
+from .zworkers import _child_env  # the same way of starting a `python -c` child
 
 SLOTS = 3
 PUMP_BYTES = 8 << 20  # pipe-mode input per read of the source stream
@@ -115,13 +116,6 @@ def _report(fd: int, status: int, message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Parent side
-
-
-def _child_env() -> dict[str, str]:
-    """The parent's environment, with the directory `converter` is imported from on PYTHONPATH."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join([root, path])}
 
 
 def _regular_fd(raw: BinaryIO) -> int | None:
