@@ -491,3 +491,21 @@ def test_cli_dump_turbo_stack(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert e2fsck(raw).returncode == 0
     assert main(["dump", "-o", str(raw), f"{vector_spec(1).meta}=/nonexistent"]) == 1
     assert "not META=ORIGINAL with both files present" in capsys.readouterr().err
+
+
+@needs_vectors
+@pytest.mark.parametrize("i", [1, 2, 3])
+def test_erofs_variant_archives_and_meta_layers_read(i: int) -> None:
+    """The --fstype erofs set (TURBO §7): same archive (member erofs.fs.meta) and warp container."""
+    layer = TURBO / "erofs" / f"layer{i}"
+    blob = read_turbo_blob(layer / "turboOCIv1.tar.gz")
+    try:
+        assert blob.meta_name == "erofs.fs.meta" and blob.meta.read() == (layer / "erofs.fs.meta").read_bytes()
+        expected_index = (TURBO / f"layer{i}" / "gzip.meta").read_bytes() if i != 2 else None
+        assert blob.gzip_index == expected_index  # identical to the ext4 set's
+    finally:
+        blob.close()
+    spec = TurboLayerSpec(meta=str(layer / "turboOCIv1.tar.gz"), target=str(ORIGINALS[i]), target_digest=DIGESTS[i])
+    with open_turbo_layer(spec) as meta:
+        entries = [(e.offset, e.length, e.moffset, int(e.zeroed), e.tag) for e in meta.iter_entries()]
+        assert entries == index_tsv(layer / "index.tsv")
