@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import threading
 import zlib
 from bisect import bisect_right
 from collections.abc import Callable
@@ -419,6 +420,13 @@ def build_gzip_index(path: str, *, span: int = SPAN) -> bytes:
 # Reader
 
 
+@dataclass
+class _Cursor:
+    z: _Inflater
+    de: int  # uncompressed offset the next inflated byte has
+    en: int  # next compressed byte to feed
+
+
 class GzipIndex:
     """A validated gzip.meta; pread() serves the uncompressed stream of `target` (the gzip blob).
 
@@ -469,6 +477,8 @@ class GzipIndex:
             if not (win_pos >= HEADER_SIZE and win_pos + win_len <= h.index_start):
                 raise FormatError(f"{where}: entry {no} window [{win_pos}, +{win_len}) outside the window area")
         self.target: RandomAccess | None = None
+        self._cursor: _Cursor | None = None  # where the last read ended, to go on from there
+        self._lock = threading.Lock()
         if target is not None:
             self.attach(target)
 
@@ -486,7 +496,10 @@ class GzipIndex:
         return self.header.uncompress_file_size
 
     def close(self) -> None:
-        """The target belongs to the caller; nothing to release here."""
+        """Release the read cursor (the target belongs to the caller)."""
+        if self._cursor is not None:
+            self._cursor.z.close()
+            self._cursor = None
 
     def attach(self, target: RandomAccess) -> None:
         if target.size != self.header.gzip_file_size:
@@ -504,8 +517,26 @@ class GzipIndex:
         except zlib.error as exc:
             raise FormatError(f"{self.name}: gzip index entry {no}: window does not decompress: {exc}") from None
 
+    def _start(self, no: int) -> _Cursor:
+        """A raw inflate positioned at checkpoint `no` (primed with its bits, its window as dictionary)."""
+        assert self.target is not None
+        de, en, _win_pos, bits, _win_len = self.entries[no]
+        z = _Inflater(WBITS_RAW, f"{self.name} (entry {no}, target {self.target.name})")
+        try:
+            if bits:
+                (byte,) = self.target.pread(en - 1, 1)
+                z.prime(bits, byte >> (8 - bits))
+            z.set_dictionary(self.window(no))
+        except BaseException:
+            z.close()
+            raise
+        return _Cursor(z, de, en)
+
     def pread(self, offset: int, length: int) -> bytes:
-        """`length` bytes of the uncompressed stream at `offset` (fewer only past the end of the stream)."""
+        """`length` bytes of the uncompressed stream at `offset` (fewer only past the end of the stream).
+
+        Reads go on from where the previous one ended when that is nearer than the checkpoint, so
+        reading a layer's files in order (as materialize does) inflates the stream about once."""
         if self.target is None:
             raise FormatError(f"{self.name}: no target blob attached")
         if offset < 0 or length < 0:
@@ -513,40 +544,47 @@ class GzipIndex:
         length = max(0, min(length, self.uncompressed_size - offset))
         if not length:
             return b""
-        no = bisect_right(self._de, offset) - 1
-        de, en, _win_pos, bits, _win_len = self.entries[no]
-        z = _Inflater(WBITS_RAW, f"{self.name} (entry {no}, target {self.target.name})")
-        try:
-            pos = en
-            if bits:
-                (byte,) = self.target.pread(en - 1, 1)
-                z.prime(bits, byte >> (8 - bits))
-            z.set_dictionary(self.window(no))
-            skip, want = offset - de, length
-            out = ctypes.create_string_buffer(min(skip + want, CHUNK_BYTES))
-            addr = ctypes.addressof(out)
-            parts: list[bytes] = []
-            while want:
-                if z.strm.avail_in == 0:
-                    n = min(INPUT_BYTES, self.target.size - pos)
-                    if n <= 0:
-                        break
-                    z.feed(self.target.pread(pos, n))
-                    pos += n
-                room = min(len(out), skip + want)
-                rc = z.inflate(addr, room, Z_NO_FLUSH)
-                got = room - z.strm.avail_out
-                skipped = min(skip, got)  # output before `offset` is inflated and dropped
-                skip -= skipped
-                if got > skipped:
-                    parts.append(ctypes.string_at(addr + skipped, got - skipped))
-                    want -= got - skipped
-                if rc == Z_STREAM_END or (rc == Z_BUF_ERROR and not got):
-                    break
-        finally:
-            z.close()
-        data = b"".join(parts)
+        with self._lock:
+            no = bisect_right(self._de, offset) - 1
+            cursor, self._cursor = self._cursor, None
+            if cursor is None or not self.entries[no][0] <= cursor.de <= offset:
+                if cursor is not None:
+                    cursor.z.close()
+                cursor = self._start(no)
+            try:
+                data = self._read(cursor, offset, length)
+            except BaseException:
+                cursor.z.close()
+                raise
+            self._cursor = cursor
         if len(data) < length:
             raise FormatError(f"{self.name}: target {self.target.name} ended after {len(data)} of {length} "
                               f"bytes at uncompressed offset {offset} (truncated or changed original layer?)")
         return data
+
+    def _read(self, cursor: _Cursor, offset: int, length: int) -> bytes:
+        assert self.target is not None
+        z = cursor.z
+        skip, want = offset - cursor.de, length
+        out = ctypes.create_string_buffer(min(skip + want, CHUNK_BYTES))
+        addr = ctypes.addressof(out)
+        parts: list[bytes] = []
+        while want:
+            if z.strm.avail_in == 0:
+                n = min(INPUT_BYTES, self.target.size - cursor.en)
+                if n <= 0:
+                    break
+                z.feed(self.target.pread(cursor.en, n))
+                cursor.en += n
+            room = min(len(out), skip + want)
+            rc = z.inflate(addr, room, Z_NO_FLUSH)
+            got = room - z.strm.avail_out
+            cursor.de += got
+            skipped = min(skip, got)  # output before `offset` is inflated and dropped
+            skip -= skipped
+            if got > skipped:
+                parts.append(ctypes.string_at(addr + skipped, got - skipped))
+                want -= got - skipped
+            if rc == Z_STREAM_END or (rc == Z_BUF_ERROR and not got):
+                break
+        return b"".join(parts)

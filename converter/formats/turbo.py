@@ -339,6 +339,7 @@ def open_turbo_layer(spec: TurboLayerSpec, *, verify_blocks: bool = True) -> Lsm
                 raise FormatError(f"{spec.meta}: the original layer {spec.target} is gzip but there is no "
                                   f"gzip.meta to read it through")
             tar = GzipIndex(gz_index, name=f"{spec.meta}!{MEMBER_GZIP_INDEX}", target=target)
+            closers.append(tar.close)
         else:
             if gz_index is not None:
                 raise FormatError(f"{spec.meta}: has a gzip.meta but the original layer {spec.target} is not gzip")
