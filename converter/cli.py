@@ -361,7 +361,14 @@ def _inspect(args: argparse.Namespace) -> int:
             elif turbo is not None:
                 opened = open_turbo_meta(path, verify_blocks=not args.no_verify)
             else:
-                opened = open_layer(path, verify_blocks=not args.no_verify)
+                try:
+                    opened = open_layer(path, verify_blocks=not args.no_verify)
+                except FormatError as native_error:
+                    try:  # a bare ext4.fs.meta fails as a native layer (tag-1 moffsets), as in overlaybd
+                        opened = open_turbo_meta(path, verify_blocks=not args.no_verify)
+                    except FormatError:
+                        raise native_error from None
+                    entry["turbo"] = {"bare_meta": True}
             with opened as layer:
                 entry.update(describe_layer(layer, verify_blocks=not args.no_verify))
             entry["ok"] = True

@@ -509,3 +509,14 @@ def test_erofs_variant_archives_and_meta_layers_read(i: int) -> None:
     with open_turbo_layer(spec) as meta:
         entries = [(e.offset, e.length, e.moffset, int(e.zeroed), e.tag) for e in meta.iter_entries()]
         assert entries == index_tsv(layer / "index.tsv")
+
+
+@needs_vectors
+def test_cli_inspect_bare_meta_layer(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["inspect", str(TURBO / "extra" / "ext4.fs.meta")]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["turbo"] == {"bare_meta": True} and report["lsmt"]["index"]["tag1_entries"] == 7
+    broken = tmp_path / "broken.obd"
+    broken.write_bytes((TURBO / "extra" / "ext4.fs.meta").read_bytes()[:5000])
+    assert main(["inspect", str(broken)]) == 1  # neither a native layer nor a meta layer: the native error
+    assert json.loads(capsys.readouterr().out)[0]["ok"] is False

@@ -392,16 +392,21 @@ def describe_turbo_blob(path: str | os.PathLike[str]) -> dict[str, object] | Non
 
 
 def open_turbo_meta(path: str | os.PathLike[str], *, verify_blocks: bool = True) -> LsmtLayer:
-    """The meta layer of a turboOCIv1.tar.gz on its own (no original attached: for inspection; its
-    tag-1 data cannot be read)."""
-    blob = read_turbo_blob(path)
+    """The meta layer of a turboOCIv1.tar.gz, or a bare ext4.fs.meta, on its own (no original attached:
+    for inspection; its tag-1 data cannot be read)."""
+    name = os.fspath(path)
+    if _is_gzip_file(name):
+        blob = read_turbo_blob(name)
+        view = FileView(name, fd=blob.meta.fileno(), size=blob.meta_size, name=f"{name}!{blob.meta_name}")
+        release = blob.close
+    else:
+        view = FileView(name)
+        release = view.close
     try:
-        view = FileView(os.fspath(path), fd=blob.meta.fileno(), size=blob.meta_size,
-                        name=f"{os.fspath(path)}!{blob.meta_name}")
         if not is_zfile(view.pread(0, min(ZF_HT_SPACE, view.size))):
             raise FormatError(f"{view.name}: a meta layer must be a bare ZFile (turbooci §2.1)")
         zfile = ZFileReader(view, verify_blocks=verify_blocks)
-        return LsmtLayer(zfile, zfile=zfile, warp=True, on_close=blob.close)
+        return LsmtLayer(zfile, zfile=zfile, warp=True, on_close=release)
     except BaseException:
-        blob.close()
+        release()
         raise
