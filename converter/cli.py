@@ -302,6 +302,7 @@ def describe_layer(layer: LsmtLayer, *, verify_blocks: bool) -> dict[str, Any]:
         "end_lba": layer.offsets[-1] + layer.lengths[-1] if len(layer) else None,
     }
     if layer.warp:
+        checks[0] = "turbo archive members and order (or a bare meta layer)"
         tag1 = [i for i in range(len(layer)) if layer.tags[i] == 1]
         index["tag0_entries"] = len(layer) - len(tag1)
         index["tag1_entries"] = len(tag1)
