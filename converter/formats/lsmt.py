@@ -159,11 +159,25 @@ def resolve_extents(starts: Iterable[int], lengths: Iterable[int], moffsets: Ite
     recs = sorted(zip(starts, lengths, moffsets, zeroed, priorities, sources, strict=True))
     recs = [r for r in recs if r[1] > 0]
     pieces: list[Extent] = []
-    overlapping = any(recs[i][0] + recs[i][1] > recs[i + 1][0] for i in range(len(recs) - 1))
-    if not overlapping:
-        for start, length, moff, zero, _prio, src in recs:
+    # Only clusters of mutually overlapping records need the priority sweep; a record that overlaps no
+    # other one (most of them) is taken as it is.
+    first, count = 0, len(recs)
+    while first < count:
+        last, end = first + 1, recs[first][0] + recs[first][1]
+        while last < count and recs[last][0] < end:
+            end = max(end, recs[last][0] + recs[last][1])
+            last += 1
+        if last == first + 1:
+            start, length, moff, zero, _prio, src = recs[first]
             _append_coalesced(pieces, start, length, moff, zero, src)
-        return pieces
+        else:
+            _sweep(recs[first:last], pieces)
+        first = last
+    return pieces
+
+
+def _sweep(recs: list[tuple[int, int, int, bool, int, int]], pieces: list[Extent]) -> None:
+    """The highest-priority record per sector of overlapping records (sorted by start), appended to pieces."""
     bounds = sorted({r[0] for r in recs} | {r[0] + r[1] for r in recs})
     heap: list[tuple[int, int]] = []  # (-priority, record index); expired records are dropped lazily
     nxt = 0
@@ -177,7 +191,6 @@ def resolve_extents(starts: Iterable[int], lengths: Iterable[int], moffsets: Ite
         if heap:
             start, _length, moff, zero, _prio, src = recs[heap[0][1]]
             _append_coalesced(pieces, p, q - p, moff if zero else moff + (p - start), zero, src)
-    return pieces
 
 
 def _append_coalesced(pieces: list[Extent], start: int, length: int, moff: int, zero: bool, src: int) -> None:
