@@ -5,7 +5,7 @@ An entry is a deflate block boundary: uncompressed offset `de_pos`, compressed o
 of unused bits of byte en_pos−1 (`bits`), and the 32 KiB of output before de_pos (its `window`).
 
 Builder: `GzipIndexer` is a streaming gzip decompressor. It inflates the blob with zlib's Z_BLOCK flush
-(system libz through ctypes: Python's zlib module cannot stop at block boundaries), hands out the
+(system libz through ctypes, libz.py: Python's zlib module cannot stop at block boundaries), hands out the
 decompressed bytes in big chunks and records checkpoints with the exact rule of §3.4, so one pass both
 feeds the ext4 builder and produces a `gzip.meta` byte-identical to overlaybd's `create_gz_index`.
 
@@ -17,7 +17,6 @@ window as dictionary), like overlaybd's GzFile.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import struct
 import threading
 import zlib
@@ -28,6 +27,18 @@ from dataclasses import dataclass
 
 from .common import BytesLike, FormatError, RandomAccess
 from .crc import crc32c_raw
+from .libz import (
+    DATA_TYPE_BITS,
+    DATA_TYPE_BOUNDARY,
+    DATA_TYPE_LAST,
+    WBITS_GZIP_OR_ZLIB,
+    WBITS_RAW,
+    Z_BLOCK,
+    Z_BUF_ERROR,
+    Z_NO_FLUSH,
+    Z_STREAM_END,
+    Inflater,
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 GZ_INDEX_MAGIC = b"ddgzidx\0"
@@ -48,100 +59,6 @@ _HEADER = struct.Struct(f"<8sBBBbBiiiqqqq{RESERVE_SIZE}sqqI")
 _ENTRY = struct.Struct("<qqqBI")
 assert _HEADER.size == HEADER_SIZE and _ENTRY.size == INDEX_ENTRY_SIZE
 _CRC_OFFSET = HEADER_SIZE - 4
-
-
-# ----------------------------------------------------------------------------------------------------------
-# zlib through ctypes (foreign calls release the GIL)
-
-Z_NO_FLUSH = 0
-Z_BLOCK = 5
-Z_OK = 0
-Z_STREAM_END = 1
-Z_NEED_DICT = 2
-Z_BUF_ERROR = -5
-WBITS_GZIP_OR_ZLIB = 47  # 15 + 32: auto-detect, what create_gz_index passes
-WBITS_RAW = -15
-DATA_TYPE_BOUNDARY = 128  # inflate stopped at a block boundary (or right after the gzip header)
-DATA_TYPE_LAST = 64  # ... inside the final block
-DATA_TYPE_BITS = 7
-
-
-class _ZStream(ctypes.Structure):
-    _fields_ = [("next_in", ctypes.c_void_p), ("avail_in", ctypes.c_uint), ("total_in", ctypes.c_ulong),
-                ("next_out", ctypes.c_void_p), ("avail_out", ctypes.c_uint), ("total_out", ctypes.c_ulong),
-                ("msg", ctypes.c_char_p), ("state", ctypes.c_void_p), ("zalloc", ctypes.c_void_p),
-                ("zfree", ctypes.c_void_p), ("opaque", ctypes.c_void_p), ("data_type", ctypes.c_int),
-                ("adler", ctypes.c_ulong), ("reserved", ctypes.c_ulong)]
-
-
-def _load_libz() -> ctypes.CDLL:
-    name = ctypes.util.find_library("z") or "libz.so.1"
-    lib = ctypes.CDLL(name)
-    zp = ctypes.POINTER(_ZStream)
-    for fn, args in (("inflateInit2_", [zp, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
-                     ("inflate", [zp, ctypes.c_int]), ("inflateEnd", [zp]),
-                     ("inflatePrime", [zp, ctypes.c_int, ctypes.c_int]),
-                     ("inflateSetDictionary", [zp, ctypes.c_void_p, ctypes.c_uint])):
-        getattr(lib, fn).argtypes = args
-        getattr(lib, fn).restype = ctypes.c_int
-    lib.zlibVersion.restype = ctypes.c_char_p
-    return lib
-
-
-_libz: ctypes.CDLL | None = None
-
-
-def libz() -> ctypes.CDLL:
-    global _libz
-    if _libz is None:
-        _libz = _load_libz()
-    return _libz
-
-
-class _Inflater:
-    """One z_stream: init, inflate into caller buffers, end. Input is kept alive by this object."""
-
-    def __init__(self, wbits: int, what: str) -> None:
-        self._lib = libz()
-        self.what = what
-        self.strm = _ZStream()
-        self._ref = ctypes.byref(self.strm)
-        self._input: BytesLike = b""
-        rc = self._lib.inflateInit2_(self._ref, wbits, self._lib.zlibVersion(), ctypes.sizeof(_ZStream))
-        if rc != Z_OK:
-            raise FormatError(f"{what}: zlib inflateInit2 failed ({rc})")
-        self._open = True
-
-    def feed(self, data: bytes) -> None:
-        self._input = data  # bytes: c_char_p gives its buffer address without a copy
-        self.strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p)
-        self.strm.avail_in = len(data)
-
-    def inflate(self, out_addr: int, room: int, flush: int) -> int:
-        self.strm.next_out = out_addr
-        self.strm.avail_out = room
-        rc: int = self._lib.inflate(self._ref, flush)
-        if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
-            msg = self.strm.msg.decode("ascii", "replace") if self.strm.msg else f"zlib error {rc}"
-            raise FormatError(f"{self.what}: corrupt deflate data at compressed byte "
-                              f"~{self.strm.total_in}: {msg}")
-        return rc
-
-    def prime(self, bits: int, value: int) -> None:
-        if self._lib.inflatePrime(self._ref, bits, value) != Z_OK:
-            raise FormatError(f"{self.what}: zlib inflatePrime failed")
-
-    def set_dictionary(self, window: bytes) -> None:
-        if self._lib.inflateSetDictionary(self._ref, ctypes.c_char_p(window), len(window)) != Z_OK:
-            raise FormatError(f"{self.what}: zlib inflateSetDictionary failed")
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._lib.inflateEnd(self._ref)
-
-    def __del__(self) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,7 +199,7 @@ class GzipIndexer:
         self.name = name
         self._read_input = read_input
         self._input_bytes = input_bytes
-        self._z = _Inflater(WBITS_GZIP_OR_ZLIB, name)
+        self._z = Inflater(WBITS_GZIP_OR_ZLIB, name)
         # windows are compressed (level 6: ~20% of the inflate time on the /usr layer) by a helper thread
         # while inflate goes on; zlib releases the GIL, and so does inflate through ctypes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gzindex-window")
@@ -422,7 +339,7 @@ def build_gzip_index(path: str, *, span: int = SPAN) -> bytes:
 
 @dataclass
 class _Cursor:
-    z: _Inflater
+    z: Inflater
     de: int  # uncompressed offset the next inflated byte has
     en: int  # next compressed byte to feed
 
@@ -521,7 +438,7 @@ class GzipIndex:
         """A raw inflate positioned at checkpoint `no` (primed with its bits, its window as dictionary)."""
         assert self.target is not None
         de, en, _win_pos, bits, _win_len = self.entries[no]
-        z = _Inflater(WBITS_RAW, f"{self.name} (entry {no}, target {self.target.name})")
+        z = Inflater(WBITS_RAW, f"{self.name} (entry {no}, target {self.target.name})")
         try:
             if bits:
                 (byte,) = self.target.pread(en - 1, 1)
