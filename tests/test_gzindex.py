@@ -313,3 +313,11 @@ def test_sequential_reads_go_on_from_the_last_one() -> None:
         index.close()
     finally:
         target.close()
+
+
+def test_empty_gzip_has_one_checkpoint_and_empty_input_is_truncated() -> None:
+    out, meta = index_of(gzip.compress(b""))
+    index = GzipIndex(meta)
+    assert out == b"" and [e[:2] for e in index.entries] == [(0, 10)] and index.uncompressed_size == 0
+    with pytest.raises(FormatError, match="gzip stream truncated"):
+        index_of(b"")
