@@ -26,7 +26,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .common import BytesLike, FormatError, RandomAccess
-from .crc import crc32c_raw
 from .libz import (
     DATA_TYPE_BITS,
     DATA_TYPE_BOUNDARY,
@@ -54,6 +53,14 @@ HEADER_SIZE = 333
 RESERVE_SIZE = 256
 CHUNK_BYTES = 8 << 20  # decompressed bytes handed out per read()
 INPUT_BYTES = 1 << 20  # compressed bytes per read of the source
+
+def _crc32c_raw(data: bytes) -> int:
+    """The header CRC (raw CRC32C, crc.py). Imported on first use: the `crc32c` package takes ~80 ms to
+    import, which the indexing child (gzstream.py) would otherwise pay before its first output byte."""
+    from .crc import crc32c_raw
+
+    return crc32c_raw(data)
+
 
 _HEADER = struct.Struct(f"<8sBBBbBiiiqqqq{RESERVE_SIZE}sqqI")
 _ENTRY = struct.Struct("<qqqBI")
@@ -91,7 +98,7 @@ class GzIndexHeader:
                            self.dict_compress_level, self.flag, self.span, self.window, self.index_size,
                            self.index_num, self.gzip_file_size, self.index_file_size, self.uncompress_file_size,
                            bytes(RESERVE_SIZE), self.index_start, self.index_area_len, 0)
-        return raw[:_CRC_OFFSET] + struct.pack("<I", crc32c_raw(raw[:_CRC_OFFSET]))
+        return raw[:_CRC_OFFSET] + struct.pack("<I", _crc32c_raw(raw[:_CRC_OFFSET]))
 
     @classmethod
     def unpack(cls, raw: BytesLike) -> GzIndexHeader:
@@ -357,7 +364,7 @@ class GzipIndex:
         h = GzIndexHeader.unpack(raw)
         if h.magic != GZ_INDEX_MAGIC:
             raise FormatError(f"{where}: bad magic {h.magic!r} (want {GZ_INDEX_MAGIC!r})")
-        crc = crc32c_raw(raw[:_CRC_OFFSET])
+        crc = _crc32c_raw(raw[:_CRC_OFFSET])
         if h.crc != crc:
             raise FormatError(f"{where}: header CRC mismatch (stored {h.crc:#010x}, computed {crc:#010x})")
         if h.major_version != GZ_INDEX_MAJOR:

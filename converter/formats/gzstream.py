@@ -80,6 +80,8 @@ def child_main(memfd: int, chunk_bytes: int, slots: int, requests: int, replies:
         position += len(data)
         return data
 
+    # the header CRC's library loads while the first output is inflated (see gzindex._crc32c_raw)
+    threading.Thread(target=lambda: __import__("converter.formats.crc"), daemon=True).start()
     free = list(range(slots))
     indexer = GzipIndexer(read_input, name=name)
     try:
