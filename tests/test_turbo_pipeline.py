@@ -423,3 +423,17 @@ def test_registry_to_another_registry_copies_the_originals_while_reading(registr
     manifest = client.get_manifest("copied/app", "v1_turbo").json()
     judge_turbo(Blobs(tmp_path, client=client, repo="copied/app"), manifest, sources, oci_types=False, mount=False)
     assert not list(tmp_path.glob("obd-convert-*"))  # temp files (copies included) are gone
+
+
+def test_no_upload_keeps_both_images_in_the_work_dir(oci_image_builder, tmp_path: Path, capsys) -> None:
+    built = oci_image_builder(app_image(), name="v1")
+    result = run(capsys, "--input", f"oci:{built.layout}:v1", "-o", "v1_obd", "--turboOCI", "v1_turbo",
+                 "--no-upload", *common(tmp_path))
+    assert not result["pushed"] and not result["turbo"]["pushed"]
+    out = Path(result["output_dir"])
+    native = json.loads((out / "output" / "manifest.json").read_bytes())
+    turbo = json.loads((out / "output-turbo" / "manifest.json").read_bytes())
+    assert TURBO_TARGET_DIGEST not in native["layers"][0]["annotations"]
+    for desc in turbo["layers"]:  # the meta blobs and the originals they point to are all there
+        assert (out / "output-turbo" / desc["digest"][7:]).is_file()
+        assert (out / "output-turbo" / desc["annotations"][TURBO_TARGET_DIGEST][7:]).is_file()
