@@ -45,6 +45,7 @@ DEFAULT_META_VSIZE = 64 << 30  # every turbo layer, upper ones included (§2.2)
 REMOTE_SPLIT = MAX_LENGTH  # tag-1 runs are cut into chunks of exactly 16383 sectors (§2.4)
 META_SPLIT = 16376  # tag-0 runs: what compress_raw_index's greedy merge of 4 KiB writes leaves (2047 blocks)
 COPY_CHUNK = 8 << 20  # tag-0 data is copied from the spool in pieces of at most this size
+SPOOL_BUFFER = 1 << 20
 _ZEROED = 1 << 63  # marks a zeroed run in the records' moffset array (real moffsets are < 2**55)
 
 # (lba, length, moffset, zeroed, tag), all in sectors
@@ -104,7 +105,8 @@ class MetaLayerWriter:
         self._done = False
         self.info: MetaLayerInfo | None = None  # set by close()
         spool_dir = os.path.dirname(os.path.abspath(self.path))
-        self._spool = tempfile.TemporaryFile(dir=spool_dir, prefix=".warp-spool-", buffering=0)  # noqa: SIM115
+        # buffered: the builder's metadata comes as many 4 KiB writes, one syscall each would add up
+        self._spool = tempfile.TemporaryFile(dir=spool_dir, prefix=".warp-spool-", buffering=SPOOL_BUFFER)  # noqa: SIM115
 
     # -- the BlockSink side ------------------------------------------------------------------------------
 
@@ -137,9 +139,7 @@ class MetaLayerWriter:
         self._check("write", offset, len(mv))
         if not len(mv):
             return
-        done = 0
-        while done < len(mv):
-            done += self._spool.write(mv[done:]) or 0
+        self._spool.write(mv)  # a buffered file writes all of it
         n = len(mv) // SECTOR
         self._record(offset // SECTOR, n, self._spool_sectors, TAG_FS_META)
         self._spool_sectors += n
@@ -217,6 +217,7 @@ class MetaLayerWriter:
                 zf.write(header.pack())
                 cursor = HT_SPACE // SECTOR
                 final: list[WarpEntry] = []
+                self._spool.flush()
                 spool_fd = self._spool.fileno()
                 for lba, n, moff, zero, tag in spool_entries:
                     if tag == TAG_FS_META and not zero:
