@@ -293,3 +293,10 @@ def test_edge_case_layer_maps_what_the_reference_maps_except_its_stale_entry(tmp
     assert reference - ours == {(24, 1)} and ours <= reference
     # big.bin (10,486,994 B at tar offset 15360) is one run of ceil(size/512) = 20483 sectors
     assert (30, 20483) in ours
+
+
+def test_two_level_htree_directory(tmp_path: Path) -> None:
+    entries = [L.dir("d")] + [L.file(f"d/{i:06d}" + "z" * 200, str(i).encode()) for i in range(12000)]
+    disk_path, _ = build_turbo(tmp_path, [L.compress(L.make_tar(entries))], check_each=False, debugfs=False)
+    out = subprocess.run(["debugfs", "-R", "htree_dump /d", str(disk_path)], capture_output=True, text=True)
+    assert "Indirect levels: 1" in out.stdout
