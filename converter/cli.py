@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from .formats.common import FormatError
+from .formats.gzindex import GZ_INDEX_MAGIC, GzipIndex
 from .formats.layer import sha256_file
 from .formats.lsmt import LsmtHeaderTrailer, LsmtLayer
 from .formats.stack import StackedReader, open_any, open_layer
@@ -317,6 +318,11 @@ def describe_layer(layer: LsmtLayer, *, verify_blocks: bool) -> dict[str, Any]:
             "trailer": _lsmt_ht(layer.trailer), "index": index}, "checks_passed": checks}
 
 
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def layer_arg(text: str) -> str | TurboLayerSpec:
     """A stack member on the command line: a native blob `PATH`, or a turbo layer `META=ORIGINAL[@DIGEST]`
     (META a turboOCIv1.tar.gz or ext4.fs.meta, ORIGINAL the original layer blob, DIGEST its expected
@@ -350,6 +356,12 @@ def _inspect(args: argparse.Namespace) -> int:
             entry["size"] = os.path.getsize(path)
             with open(path, "rb") as f:
                 entry["digest"] = sha256_file(f.fileno())
+            if not isinstance(item, TurboLayerSpec) and _starts_with(path, GZ_INDEX_MAGIC):  # a gzip.meta alone
+                with open(path, "rb") as f:
+                    entry["gzip_index"] = GzipIndex(f.read(), name=path).describe()
+                entry["ok"] = True
+                results.append(entry)
+                continue
             turbo = describe_turbo_blob(path)  # None for a native blob or a bare ext4.fs.meta
             if isinstance(item, TurboLayerSpec):
                 turbo = turbo or {}
@@ -397,7 +409,8 @@ def _dump(args: argparse.Namespace) -> int:
 TURBO_ARG_HELP = ("A turbo layer is given as META=ORIGINAL[@sha256:HEX]: META the turboOCIv1.tar.gz (or a bare "
                   "ext4.fs.meta), ORIGINAL the original layer blob it reads file data from, HEX its expected "
                   "digest (the descriptor's turbo-oci/target-digest; implied for ORIGINAL inside an OCI layout, "
-                  "blobs/sha256/HEX). inspect also takes a turboOCIv1.tar.gz alone.")
+                  "blobs/sha256/HEX). inspect also takes a turboOCIv1.tar.gz, an ext4.fs.meta or a gzip.meta "
+                  "alone.")
 
 
 def build_parser() -> argparse.ArgumentParser:

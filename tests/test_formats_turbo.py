@@ -520,3 +520,15 @@ def test_cli_inspect_bare_meta_layer(capsys: pytest.CaptureFixture[str], tmp_pat
     broken.write_bytes((TURBO / "extra" / "ext4.fs.meta").read_bytes()[:5000])
     assert main(["inspect", str(broken)]) == 1  # neither a native layer nor a meta layer: the native error
     assert json.loads(capsys.readouterr().out)[0]["ok"] is False
+
+
+@needs_vectors
+def test_cli_inspect_gzip_index_alone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["inspect", str(TURBO / "extra" / "gzip.meta")]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert [(c["de_pos"], c["bits"]) for c in report["gzip_index"]["checkpoints"]] == [
+        (0, 0), (891564, 6), (2927627, 3), (4964762, 0), (7003152, 1)]
+    cut = tmp_path / "gzip.meta"
+    cut.write_bytes((TURBO / "extra" / "gzip.meta").read_bytes()[:-10])
+    assert main(["inspect", str(cut)]) == 1
+    assert "truncated" in json.loads(capsys.readouterr().out)[0]["error"]

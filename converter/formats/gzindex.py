@@ -431,6 +431,14 @@ class GzipIndex:
                               f"target blob {target.name} ({target.size} bytes): wrong or changed original layer")
         self.target = target
 
+    def describe(self) -> dict[str, object]:
+        """The header and checkpoints, for `obd-convert inspect`."""
+        h = self.header
+        return {"entries": h.index_num, "span": h.span, "window": h.window,
+                "dict_compress_algo": h.dict_compress_algo, "gzip_file_size": h.gzip_file_size,
+                "uncompress_file_size": h.uncompress_file_size, "index_file_size": h.index_file_size,
+                "checkpoints": [{"de_pos": e[0], "en_pos": e[1], "bits": e[3]} for e in self.entries]}
+
     def window(self, no: int) -> bytes:
         _de, _en, win_pos, _bits, win_len = self.entries[no]
         raw = self.raw[win_pos:win_pos + win_len]

@@ -380,12 +380,7 @@ def describe_turbo_blob(path: str | os.PathLike[str]) -> dict[str, object] | Non
         info: dict[str, object] = {"diff_id": blob.diff_id, "members": members}
         if blob.gzip_index is not None:
             members.append({"name": MEMBER_GZIP_INDEX, "size": len(blob.gzip_index)})
-            index = GzipIndex(blob.gzip_index, name=f"{os.fspath(path)}!{MEMBER_GZIP_INDEX}")
-            h = index.header
-            info["gzip_index"] = {"entries": h.index_num, "span": h.span, "gzip_file_size": h.gzip_file_size,
-                                  "uncompress_file_size": h.uncompress_file_size,
-                                  "checkpoints": [{"de_pos": e[0], "en_pos": e[1], "bits": e[3]}
-                                                  for e in index.entries]}
+            info["gzip_index"] = GzipIndex(blob.gzip_index, name=f"{os.fspath(path)}!{MEMBER_GZIP_INDEX}").describe()
         return info
     finally:
         blob.close()
