@@ -532,3 +532,27 @@ def test_cli_inspect_gzip_index_alone(capsys: pytest.CaptureFixture[str], tmp_pa
     cut.write_bytes((TURBO / "extra" / "gzip.meta").read_bytes()[:-10])
     assert main(["inspect", str(cut)]) == 1
     assert "truncated" in json.loads(capsys.readouterr().out)[0]["error"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(meta=st.binary(max_size=5000), index=st.one_of(st.none(), st.binary(max_size=3000)),
+       erofs=st.booleans())
+def test_archive_round_trip(tmp_path: Path, meta: bytes, index: bytes | None, erofs: bool) -> None:
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        (work / "meta").write_bytes(meta)
+        name = "erofs.fs.meta" if erofs else "ext4.fs.meta"
+        info = write_turbo_blob(work / "t.tar.gz", work / "meta", index, meta_name=name)
+        inner = gzip.decompress((work / "t.tar.gz").read_bytes())
+        assert len(inner) % 512 == 0 and inner.endswith(bytes(1024))
+        assert info.diff_id == "sha256:" + hashlib.sha256(inner).hexdigest()
+        blob = read_turbo_blob(work / "t.tar.gz")
+        try:
+            assert (blob.meta_name, blob.meta.read(), blob.gzip_index, blob.diff_id) == (name, meta, index,
+                                                                                       info.diff_id)
+        finally:
+            blob.close()
+        with tarfile.open(work / "t.tar.gz") as tar:  # any tar reader agrees on the members
+            assert tar.getnames() == [name, ".turbo.ociv1"] + (["gzip.meta"] if index is not None else [])
+    finally:
+        shutil.rmtree(work)
