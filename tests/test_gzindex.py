@@ -26,6 +26,7 @@ from converter.formats.gzindex import (
     build_gzip_index,
 )
 from converter.formats.gzstream import GzipIndexStream
+from converter.formats.libz import BACKENDS, backend
 from tests.formats_helpers import REAL_TOOLS, VECTORS, needs_vectors
 
 TURBO = VECTORS / "turbooci"
@@ -51,9 +52,9 @@ class BytesView:
 
 
 def index_of(data: bytes, *, span: int = 1 << 20, input_bytes: int = 1 << 20,
-             chunk: int = 8 << 20) -> tuple[bytes, bytes]:
+             chunk: int = 8 << 20, backend: str | None = None) -> tuple[bytes, bytes]:
     """(decompressed data, gzip.meta) through GzipIndexer in this thread."""
-    indexer = GzipIndexer(io.BytesIO(data).read, span=span, input_bytes=input_bytes)
+    indexer = GzipIndexer(io.BytesIO(data).read, span=span, input_bytes=input_bytes, backend=backend)
     parts = []
     while piece := indexer.read(chunk):
         parts.append(piece)
@@ -68,6 +69,24 @@ def index_of(data: bytes, *, span: int = 1 << 20, input_bytes: int = 1 << 20,
 @pytest.mark.parametrize(("source", "expected"), GZIP_VECTORS)
 def test_index_is_byte_identical_to_the_real_tools(source: Path, expected: Path) -> None:
     assert build_gzip_index(str(source)) == expected.read_bytes()
+
+
+@needs_vectors
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize(("source", "expected"), GZIP_VECTORS)
+def test_every_inflate_backend_gives_the_real_tools_index(source: Path, expected: Path, name: str) -> None:
+    assert backend(name).name == name  # both are installed here: zlib-ng (the `zlib-ng` package) and libz
+    indexer = GzipIndexer(open(source, "rb").read, backend=name)  # noqa: SIM115 - read to the end below
+    while indexer.read():
+        pass
+    assert indexer.index_file() == expected.read_bytes()
+    indexer.close()
+
+
+def test_preferred_backend_is_zlib_ng() -> None:
+    assert backend().name == "zlib-ng"
+    with pytest.raises(FormatError, match="inflate backend 'lzma' is not available"):
+        backend("lzma")
 
 
 @needs_vectors
@@ -162,6 +181,7 @@ def test_reader_reads_any_range_of_any_stream(seed: int, size: int, span: int, l
     blob = _gzip_with_blocks(data, [rng.randrange(len(data)) for _ in range(ncuts)], level)
     out, meta = index_of(blob, span=span, input_bytes=rng.choice([1, 333, 1 << 16]), chunk=rng.choice([32768, 99_999]))
     assert out == data
+    assert index_of(blob, span=span, backend="zlib")[1] == meta  # zlib-ng and the system zlib agree
     index = GzipIndex(meta, target=BytesView(blob))
     assert index.uncompressed_size == len(data) and index.header.gzip_file_size == len(blob)
     de = [e[0] for e in index.entries]

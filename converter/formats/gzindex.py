@@ -202,11 +202,11 @@ class GzipIndexer:
     """
 
     def __init__(self, read_input: Callable[[int], bytes], *, name: str = "gzip layer", span: int = SPAN,
-                 input_bytes: int = INPUT_BYTES) -> None:
+                 input_bytes: int = INPUT_BYTES, backend: str | None = None) -> None:
         self.name = name
         self._read_input = read_input
         self._input_bytes = input_bytes
-        self._z = Inflater(WBITS_GZIP_OR_ZLIB, name)
+        self._z = Inflater(WBITS_GZIP_OR_ZLIB, name, backend_name=backend)  # libz.py: zlib-ng or zlib
         # windows are compressed (level 6: ~20% of the inflate time on the /usr layer) by a helper thread
         # while inflate goes on; zlib releases the GIL, and so does inflate through ctypes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gzindex-window")
