@@ -6,8 +6,9 @@ read back through the stacked reader.
 
 `gzindex` measures the turbo path's decompression (gzip.meta built in the same pass, formats/gzstream.py)
 on the /usr layer of bench_ext4.py (built under --out if missing): alone, next to a thread that runs
-Python all the time (as the ext4 builder does), the in-thread GzipIndexer for comparison, the plain
-inflate of ISA-L and zlib as floors, and random 64 KiB reads through the finished index.
+Python all the time (as the ext4 builder does), the in-thread GzipIndexer for comparison (zlib-ng and
+system-zlib backends), the plain inflate of ISA-L, zlib and zlib-ng as floors, and random 64 KiB reads
+through the finished index.
 
 Input: --size-mib of mixed data written in 1 MiB chunks at consecutive offsets (as the ext4 builder
 writes file data), alternating a text-like chunk (log lines, compresses ~2.4x) and a random chunk
@@ -113,11 +114,12 @@ def gzindex_main(argv: list[str]) -> None:
                 n += len(chunk)
             state["size"], state["index"] = n, stream.index_file()
 
-    def indexing_thread() -> None:
+    def indexing_thread(backend: str | None = None) -> None:
         with open(layer, "rb") as f:
-            indexer = GzipIndexer(f.read)
+            indexer = GzipIndexer(f.read, backend=backend)
             while indexer.read():
                 pass
+            indexer.index_file()
             indexer.close()
 
     def isal_floor() -> None:
@@ -128,15 +130,19 @@ def gzindex_main(argv: list[str]) -> None:
             while gz.read(8 << 20):
                 pass
 
-    def zlib_floor() -> None:
-        d = zlib.decompressobj(47)
+    def zlib_floor(module: object = zlib) -> None:
+        d = module.decompressobj(47)  # type: ignore[attr-defined]
         with open(layer, "rb") as f:
             while piece := f.read(8 << 20):
                 d.decompress(piece)
 
+    from zlib_ng import zlib_ng
+
     runs = (("process", indexing_process, False), ("process_next_to_busy_python", indexing_process, True),
             ("thread", indexing_thread, False), ("thread_next_to_busy_python", indexing_thread, True),
-            ("isal_inflate_floor", isal_floor, False), ("zlib_inflate_floor", zlib_floor, False))
+            ("thread_system_zlib_backend", lambda: indexing_thread("zlib"), False),
+            ("isal_inflate_floor", isal_floor, False), ("zlib_inflate_floor", zlib_floor, False),
+            ("zlib_ng_inflate_floor", lambda: zlib_floor(zlib_ng), False))
     for name, fn, busy in runs:
         timing = _timed(fn, busy=busy)
         timing["MBps"] = round(int(state.get("size", 0)) / timing["wall_s"] / 1e6, 1) if state else 0.0
