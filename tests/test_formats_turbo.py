@@ -129,6 +129,22 @@ def test_bad_archives_are_refused(tmp_path: Path, members: list[tuple[str, bytes
         read_turbo_blob(path)
 
 
+@pytest.mark.parametrize(("mangle", "message"), [
+    (lambda tar: tar[:512 * 11 + 10] + b"X" + tar[512 * 11 + 11:], "member 2: tar header checksum mismatch"),
+    (lambda tar: tar + b"junk" + bytes(508), "data after the turbo archive's end-of-archive block"),
+    (lambda tar: tar[:512 * 11], "truncated in a member header"),
+    (lambda tar: tar[:4000], "truncated in ext4.fs.meta"),
+])
+def test_damaged_inner_tar_is_an_error_not_an_early_end(tmp_path: Path, mangle: object, message: str) -> None:
+    meta = tmp_path / "m"
+    meta.write_bytes(b"m" * 5000)  # header + 10 blocks: the marker's header is block 11
+    write_turbo_blob(tmp_path / "t.tar.gz", meta, b"index")
+    tar = gzip.decompress((tmp_path / "t.tar.gz").read_bytes())
+    (tmp_path / "bad.tar.gz").write_bytes(gzip.compress(mangle(tar)))  # type: ignore[operator]
+    with pytest.raises(FormatError, match=message):
+        read_turbo_blob(tmp_path / "bad.tar.gz")
+
+
 def test_corrupt_and_non_gzip_archives_are_refused(tmp_path: Path) -> None:
     meta = tmp_path / "m"
     meta.write_bytes(b"m" * 5000)

@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -213,54 +212,82 @@ class TurboBlob:
 
 
 class _HashingReader:
-    def __init__(self, raw: BinaryIO) -> None:
+    """Reads exactly, hashing what it returns (the DiffID is the sha256 of the whole inner tar)."""
+
+    def __init__(self, raw: BinaryIO, name: str) -> None:
         self._raw = raw
+        self._name = name
         self.sha = hashlib.sha256()
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int) -> bytes:
         data = self._raw.read(n)
         self.sha.update(data)
         return data
 
+    def read_exact(self, n: int, what: str) -> bytes:
+        data = self.read(n)
+        if len(data) != n:
+            raise FormatError(f"{self._name}: turbo archive truncated in {what}")
+        return data
+
+
+def read_ustar_header(block: bytes, where: str) -> tuple[str, int, bytes]:
+    """(name, size, typeflag) of a USTAR header block, after checking its checksum (the reading side of
+    ustar_header(); any USTAR writer's headers are accepted, Go's or others)."""
+    stored = block[148:156].split(b"\0", 1)[0].strip()
+    try:
+        checksum = int(stored or b"-1", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise FormatError(f"{where}: not a tar header (checksum {stored!r})") from None
+    if checksum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+        raise FormatError(f"{where}: tar header checksum mismatch")
+    prefix = block[345:500].split(b"\0", 1)[0]
+    name = block[:100].split(b"\0", 1)[0]
+    full = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+    return full, size, block[156:157]
+
 
 def read_turbo_blob(path: str | os.PathLike[str]) -> TurboBlob:
-    """Open a turboOCIv1.tar.gz and check it is one: a gzip'd tar whose regular-file members are a meta
-    layer (ext4.fs.meta or erofs.fs.meta), the `.turbo.ociv1` marker and at most a gzip.meta, in that
-    order, with nothing else."""
+    """Open a turboOCIv1.tar.gz and check it is one: a gzip'd tar whose members are the regular files
+    meta layer (ext4.fs.meta or erofs.fs.meta), the empty `.turbo.ociv1` marker and at most a gzip.meta,
+    in that order, then only zero blocks. The tar is read strictly (a damaged header is an error, never
+    an early end), the DiffID computed on the way, the meta layer spooled to an anonymous temp file."""
     name = os.fspath(path)
+    expected = f"expected {MEMBER_EXT4_META}, {MEMBER_MARKER}, [{MEMBER_GZIP_INDEX}]"
     with open(name, "rb") as raw:
         if raw.read(2) != GZIP_MAGIC:
             raise FormatError(f"{name}: not a turboOCIv1.tar.gz: the blob is not gzip")
         raw.seek(0)
-        inner = _HashingReader(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
+        inner = _HashingReader(gzip.GzipFile(fileobj=raw, mode="rb"), name)  # type: ignore[arg-type]
         meta = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the returned TurboBlob
         try:
             seen: list[str] = []
             meta_name, meta_size, gz_index = "", 0, None
             try:
-                with tarfile.open(fileobj=inner, mode="r|") as tar:  # type: ignore[call-overload]
-                    for member in tar:
-                        seen.append(member.name)
-                        if not member.isreg():
-                            raise FormatError(f"{name}: turbo archive member {member.name!r} is not a regular file")
-                        data = tar.extractfile(member)
-                        assert data is not None
-                        if member.name in (MEMBER_EXT4_META, MEMBER_EROFS_META) and len(seen) == 1:
-                            meta_name, meta_size = member.name, member.size
-                            while chunk := data.read(COPY_BYTES):
-                                meta.write(chunk)
-                        elif member.name == MEMBER_MARKER and len(seen) == 2:
-                            if member.size:
-                                raise FormatError(f"{name}: {MEMBER_MARKER} must be empty, it has {member.size} B")
-                        elif member.name == MEMBER_GZIP_INDEX and len(seen) == 3:
-                            gz_index = data.read()
-                        else:
-                            raise FormatError(f"{name}: unexpected turbo archive member {member.name!r} at "
-                                              f"position {len(seen)}; expected {MEMBER_EXT4_META}, "
-                                              f"{MEMBER_MARKER}, [{MEMBER_GZIP_INDEX}]")
-                while inner.read(COPY_BYTES):
-                    pass  # the DiffID covers the whole inner tar, end blocks included
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+                while (block := inner.read_exact(SECTOR, "a member header")) != bytes(SECTOR):
+                    member, size, typeflag = read_ustar_header(block, f"{name}: member {len(seen) + 1}")
+                    seen.append(member)
+                    if typeflag not in (b"0", b"\0"):
+                        raise FormatError(f"{name}: turbo archive member {member!r} is not a regular file "
+                                          f"(typeflag {typeflag!r})")
+                    if member in (MEMBER_EXT4_META, MEMBER_EROFS_META) and len(seen) == 1:
+                        meta_name, meta_size = member, size
+                        for pos in range(0, size, COPY_BYTES):
+                            meta.write(inner.read_exact(min(COPY_BYTES, size - pos), member))
+                    elif member == MEMBER_MARKER and len(seen) == 2:
+                        if size:
+                            raise FormatError(f"{name}: {MEMBER_MARKER} must be empty, it has {size} B")
+                    elif member == MEMBER_GZIP_INDEX and len(seen) == 3:
+                        gz_index = inner.read_exact(size, member)
+                    else:
+                        raise FormatError(f"{name}: unexpected turbo archive member {member!r} at position "
+                                          f"{len(seen)}; {expected}")
+                    inner.read_exact(-size % SECTOR, f"{member}'s padding")
+                while rest := inner.read(COPY_BYTES):  # the end-of-archive blocks (and any record padding)
+                    if rest.count(0) != len(rest):
+                        raise FormatError(f"{name}: data after the turbo archive's end-of-archive block")
+            except (OSError, EOFError, zlib.error) as exc:
                 raise FormatError(f"{name}: corrupt turboOCIv1.tar.gz: {exc}") from None
             if len(seen) < 2:
                 raise FormatError(f"{name}: turbo archive has members {seen}; it needs at least "
