@@ -89,6 +89,17 @@ def test_preferred_backend_is_zlib_ng() -> None:
         backend("lzma")
 
 
+def test_system_zlib_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter.formats import libz
+
+    monkeypatch.setitem(libz._loaded, "zlib-ng", ImportError("no zlib_ng here"))
+    assert backend().name == "zlib"
+    data = b"fallback " * 10_000
+    assert index_of(gzip.compress(data))[0] == data
+    with pytest.raises(FormatError, match="'zlib-ng' is not available: no zlib_ng here"):
+        backend("zlib-ng")
+
+
 @needs_vectors
 @pytest.mark.parametrize(("source", "expected"), GZIP_VECTORS)
 @pytest.mark.parametrize(("input_bytes", "chunk"), [(7, 32768), (4096, 100_001), (1 << 20, 1 << 20)])
