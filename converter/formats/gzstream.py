@@ -150,6 +150,7 @@ class GzipIndexStream:
         src_r = src_w = -1
         if fd is None:
             src_r, src_w = os.pipe()
+        self._region: mmap.mmap | None = None
         try:
             os.ftruncate(memfd, chunk_bytes * slots)
             self._region = mmap.mmap(memfd, chunk_bytes * slots)
@@ -164,12 +165,14 @@ class GzipIndexStream:
             for f in (self._requests, self._replies, src_w):
                 if f >= 0:
                     os.close(f)
+            if self._region is not None:
+                self._region.close()
             raise
         finally:
             for f in (memfd, req_r, rep_w, src_r):
                 if f >= 0:
                     os.close(f)
-        self._view = memoryview(self._region)
+        self._view = memoryview(self._region)  # type: ignore[arg-type]
         if src_w >= 0:
             self._pump = threading.Thread(target=self._pump_input, args=(raw, src_w), name="obd-gzindex-pump",
                                           daemon=True)
@@ -254,6 +257,7 @@ class GzipIndexStream:
         if self._pump is not None:
             self._pump.join()
         self._view.release()
+        assert self._region is not None
         self._region.close()
 
     def __enter__(self) -> GzipIndexStream:
