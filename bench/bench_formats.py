@@ -2,6 +2,13 @@
 read back through the stacked reader.
 
     .venv/bin/python bench/bench_formats.py [--size-mib 1024] [--workers 2] [--algorithm lz4]
+    .venv/bin/python bench/bench_formats.py gzindex [--layer PATH] [--out bench/out] [--reads 2000]
+
+`gzindex` measures the turbo path's decompression (gzip.meta built in the same pass, formats/gzstream.py)
+on the /usr layer of bench_ext4.py (built under --out if missing): alone, next to a thread that runs
+Python all the time (as the ext4 builder does), the in-thread GzipIndexer for comparison (zlib-ng and
+system-zlib backends), the plain inflate of ISA-L, zlib and zlib-ng as floors, and random 64 KiB reads
+through the finished index.
 
 Input: --size-mib of mixed data written in 1 MiB chunks at consecutive offsets (as the ext4 builder
 writes file data), alternating a text-like chunk (log lines, compresses ~2.4x) and a random chunk
@@ -16,8 +23,12 @@ import json
 import os
 import random
 import resource
+import sys
 import tempfile
+import threading
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from _gauge import machine_gauge
@@ -47,7 +58,116 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _cpu_with_exited_children() -> float:
+    """CPU seconds of this process and of its children that have exited (the gzip index child is
+    waited for before _timed's fn returns)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn: Callable[[], object], *, busy: bool = False) -> dict[str, float]:
+    """Wall and process-tree CPU seconds of fn(), optionally next to a thread that never stops running
+    Python (its CPU is included)."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    spinner = threading.Thread(target=spin) if busy else None
+    if spinner:
+        spinner.start()
+    t0, c0 = time.perf_counter(), _cpu_with_exited_children()
+    try:
+        fn()
+    finally:
+        wall, cpu = time.perf_counter() - t0, _cpu_with_exited_children() - c0
+        stop.set()
+        if spinner:
+            spinner.join()
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+
+
+def gzindex_main(argv: list[str]) -> None:
+    from bench_ext4 import DEFAULT_DIRS, build_usr_tar
+
+    from converter.formats.common import FileView
+    from converter.formats.gzindex import GzipIndex, GzipIndexer
+    from converter.formats.gzstream import GzipIndexStream
+
+    ap = argparse.ArgumentParser(prog="bench_formats.py gzindex")
+    ap.add_argument("--layer", type=Path, default=None, help="a gzip layer (default: the usr layer of bench_ext4)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    ap.add_argument("--reads", type=int, default=2000)
+    args = ap.parse_args(argv)
+    layer = args.layer or build_usr_tar(args.out, DEFAULT_DIRS)
+    compressed = layer.stat().st_size
+    result: dict[str, object] = {"layer": str(layer), "compressed_bytes": compressed,
+                                 "loadavg_1min_before": os.getloadavg()[0]}
+    state: dict[str, object] = {}
+
+    def indexing_process() -> None:
+        with open(layer, "rb") as f, GzipIndexStream(f) as stream:
+            n = 0
+            while chunk := stream.read():
+                n += len(chunk)
+            state["size"], state["index"] = n, stream.index_file()
+
+    def indexing_thread(backend: str | None = None) -> None:
+        with open(layer, "rb") as f:
+            indexer = GzipIndexer(f.read, backend=backend)
+            while indexer.read():
+                pass
+            indexer.index_file()
+            indexer.close()
+
+    def isal_floor() -> None:
+        from isal import igzip
+
+        with open(layer, "rb") as f:
+            gz = igzip._IGzipReader(f, buffersize=8 << 20)
+            while gz.read(8 << 20):
+                pass
+
+    def zlib_floor(module: object = zlib) -> None:
+        d = module.decompressobj(47)  # type: ignore[attr-defined]
+        with open(layer, "rb") as f:
+            while piece := f.read(8 << 20):
+                d.decompress(piece)
+
+    from zlib_ng import zlib_ng
+
+    runs = (("process", indexing_process, False), ("process_next_to_busy_python", indexing_process, True),
+            ("thread", indexing_thread, False), ("thread_next_to_busy_python", indexing_thread, True),
+            ("thread_system_zlib_backend", lambda: indexing_thread("zlib"), False),
+            ("isal_inflate_floor", isal_floor, False), ("zlib_inflate_floor", zlib_floor, False),
+            ("zlib_ng_inflate_floor", lambda: zlib_floor(zlib_ng), False))
+    for name, fn, busy in runs:
+        timing = _timed(fn, busy=busy)
+        timing["MBps"] = round(int(state.get("size", 0)) / timing["wall_s"] / 1e6, 1) if state else 0.0
+        result[name] = timing
+    index = GzipIndex(state["index"], name="gzip.meta")  # type: ignore[arg-type]
+    result.update(uncompressed_bytes=state["size"], index_entries=index.header.index_num,
+                  index_bytes=len(state["index"]))  # type: ignore[arg-type]
+    view = FileView(layer)
+    index.attach(view)
+    rng = random.Random(1)
+    t0 = time.perf_counter()
+    for _ in range(args.reads):
+        index.pread(rng.randrange(index.uncompressed_size - 65536), 65536)
+    view.close()
+    result["random_64k_reads_per_s"] = round(args.reads / (time.perf_counter() - t0), 1)
+    result["peak_rss_mb_tree"] = round(tree_peak_rss_mb(os.getpid()), 1)
+    result["loadavg_1min_after"] = os.getloadavg()[0]
+    result.update(machine_gauge())
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["gzindex"]:
+        gzindex_main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)

@@ -10,9 +10,11 @@ import sys
 from typing import Any
 
 from .formats.common import FormatError
+from .formats.gzindex import GZ_INDEX_MAGIC, GzipIndex
 from .formats.layer import sha256_file
 from .formats.lsmt import LsmtHeaderTrailer, LsmtLayer
-from .formats.stack import StackedReader, open_layer
+from .formats.stack import StackedReader, open_any, open_layer
+from .formats.turbo import TurboLayerSpec, describe_turbo_blob, open_turbo_meta
 from .formats.zfile import ZFileHeaderTrailer
 
 SUBCOMMANDS = ("inspect", "dump")
@@ -46,6 +48,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     src.add_argument("-g", "--input-digest", help="source digest (instead of a tag)")
     src.add_argument("-o", "--output-tag", "--overlaybd", dest="output_tag",
                      help="tag to push the overlaybd image as (default: <input-tag>_obd)")
+    src.add_argument("--turboOCI", "--fastoci", dest="turbo_oci", metavar="TAG",
+                     help="build a TurboOCIv1 image (meta layers over the original blobs) tagged TAG; alone: only "
+                          "that image; with -o/--overlaybd: both images from one pass over the layers")
     src.add_argument("--output-repository", help="push into this repository instead of --repository "
                      "(same registry, or a full reference host/repo)")
     src.add_argument("--input", metavar="REF", help="source as a reference or oci:PATH[:TAG] (instead of -r/-i/-g)")
@@ -96,6 +101,8 @@ def _source_target(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             parser.error("give exactly one of -i/--input-tag and -g/--input-digest")
         source = f"{ns.repository}:{ns.input_tag}" if ns.input_tag else f"{ns.repository}@{ns.input_digest}"
     if ns.output:
+        if ns.output_tag and not _has_tag(ns.output):  # -o names the tag inside a tagless --output
+            return source, _retag(ns.output, ns.output_tag)
         return source, ns.output
     tag = ns.output_tag or (f"{ns.input_tag}_obd" if ns.input_tag else None)
     if not tag and not ns.no_upload:
@@ -110,6 +117,35 @@ def _source_target(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> t
             parser.error("give the target with --output or --output-repository")
         return source, "oci:unused"  # --no-upload writes into --dir only
     return source, f"{repository}:{tag or 'latest_obd'}"
+
+
+def _turbo_targets(ns: argparse.Namespace, target: str) -> tuple[str, str | None, bool]:
+    """(target, additional turbo target, whether `target` is the turbo image) for --turboOCI TAG: the turbo
+    image goes where the native one would, tagged TAG; the native one is built only with -o/--overlaybd
+    (tagged so, also inside an --output location without a tag)."""
+    if not ns.turbo_oci:
+        return target, None, False
+    turbo = _retag(target, ns.turbo_oci)
+    if ns.output_tag:
+        return target, turbo, False
+    return turbo, None, True
+
+
+def _has_tag(target: str) -> bool:
+    from .transport import parse_location
+
+    loc = parse_location(target)
+    return bool(loc.tag or loc.digest)
+
+
+def _retag(target: str, tag: str) -> str:
+    from .transport import parse_location
+
+    loc = parse_location(target)
+    if loc.is_layout:
+        return f"oci:{loc.layout}:{tag}"
+    assert loc.reference is not None
+    return f"{loc.reference.registry}/{loc.reference.repository}:{tag}"
 
 
 def _has_host(repository: str) -> bool:
@@ -132,6 +168,7 @@ def convert_main(argv: list[str]) -> int:
     try:  # usage errors exit 2 through argparse; main() returns codes instead of exiting
         ns = parser.parse_args(argv)
         source, target = _source_target(ns, parser)
+        target, turbo_target, turbo_only = _turbo_targets(ns, target)
     except SystemExit as exc:
         return int(exc.code or 0)
     level = logging.DEBUG if ns.verbose else logging.INFO
@@ -173,7 +210,7 @@ def convert_main(argv: list[str]) -> int:
             fstype=ns.fstype, algorithm=ns.algorithm, block_size=ns.block_size, platforms=tuple(ns.platform),
             concurrency_limit=ns.concurrency_limit, work_dir=ns.dir, cache_dir=ns.cache_dir, cache_url=ns.cache_url,
             use_cache=not ns.no_cache, force=ns.force, upload=not ns.no_upload, reserve=ns.reserve,
-            registry=registry, cancel=cancel)
+            registry=registry, cancel=cancel, turbo_oci=turbo_only, turbo_target=turbo_target)
         if reporter is not None:
             options.progress = reporter
             reporter.__enter__()
@@ -203,15 +240,23 @@ def convert_main(argv: list[str]) -> int:
     elif ns.dump_manifest:
         print(json.dumps(json.loads(result.raw), indent=2))
     if not ns.json:
-        if result.up_to_date:
-            what = f"{result.target} is up to date ({result.target_digest})"
-        elif result.pushed:
-            what = (f"pushed {result.target} {result.target_digest}: {result.layers_converted} layers converted, "
-                    f"{result.layers_reused} reused, {result.blobs_uploaded} blobs uploaded in {result.seconds:.2f} s")
-        else:
-            what = f"converted into {result.output_dir} (not uploaded): {result.target_digest}"
-        print(what, file=sys.stderr)
+        for one in (result, result.turbo):
+            if one is not None:
+                print(_summary(one), file=sys.stderr)
     return 0
+
+
+def _summary(result: Any) -> str:
+    """One line about one published image (a ConvertResult)."""
+    kind = "TurboOCI image " if result.kind == "turbo" else ""
+    if result.up_to_date:
+        return f"{kind}{result.target} is up to date ({result.target_digest})"
+    if result.pushed:
+        extra = f", {result.originals_copied} original layers copied or mounted" if result.originals_copied else ""
+        return (f"pushed {kind}{result.target} {result.target_digest}: {result.layers_converted} layers converted, "
+                f"{result.layers_reused} reused, {result.blobs_uploaded} blobs uploaded{extra} in "
+                f"{result.seconds:.2f} s")
+    return f"converted {kind}into {result.output_dir} (not uploaded): {result.target_digest}"
 
 
 def _lsmt_ht(ht: LsmtHeaderTrailer) -> dict[str, Any]:
@@ -258,20 +303,87 @@ def describe_layer(layer: LsmtLayer, *, verify_blocks: bool) -> dict[str, Any]:
         "first_lba": layer.offsets[0] if len(layer) else None,
         "end_lba": layer.offsets[-1] + layer.lengths[-1] if len(layer) else None,
     }
+    if layer.warp:
+        checks[0] = "turbo archive members and order (or a bare meta layer)"
+        tag1 = [i for i in range(len(layer)) if layer.tags[i] == 1]
+        index["tag0_entries"] = len(layer) - len(tag1)
+        index["tag1_entries"] = len(tag1)
+        index["tag1_bytes"] = sum(layer.lengths[i] for i in tag1) * 512
+        index["tar_end"] = max(((layer.moffsets[i] + layer.lengths[i]) * 512 for i in tag1), default=0)
+        checks.append("meta layer: tags 0/1 only, at least one tag-0 entry")
+        if layer.remote is not None:
+            index["tar_size"] = layer.remote.size
+            checks.append("every tag-1 range inside the original tar")
     wrapper = dataclasses.asdict(layer.wrapper) if layer.wrapper is not None else None
     return {"tar": wrapper, "zfile": zfile_info, "lsmt": {"size": layer.size, "header": _lsmt_ht(layer.header),
             "trailer": _lsmt_ht(layer.trailer), "index": index}, "checks_passed": checks}
 
 
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def layer_arg(text: str) -> str | TurboLayerSpec:
+    """A stack member on the command line: a native blob `PATH`, or a turbo layer `META=ORIGINAL[@DIGEST]`
+    (META a turboOCIv1.tar.gz or ext4.fs.meta, ORIGINAL the original layer blob, DIGEST its expected
+    sha256:…; an ORIGINAL inside an OCI layout, `blobs/sha256/<hex>`, is checked against its name)."""
+    if os.path.exists(text) or "=" not in text:
+        return text
+    for i, ch in enumerate(text):
+        if ch != "=":
+            continue
+        meta, target = text[:i], text[i + 1:]
+        digest = None
+        if "@sha256:" in target:
+            target, _, hexdigest = target.rpartition("@sha256:")
+            digest = "sha256:" + hexdigest
+        if os.path.exists(meta) and os.path.exists(target):
+            parent = os.path.basename(os.path.dirname(os.path.abspath(target)))
+            name = os.path.basename(target)
+            if digest is None and parent == "sha256" and len(name) == 64:
+                digest = "sha256:" + name
+            return TurboLayerSpec(meta=meta, target=target, target_digest=digest)
+    raise FormatError(f"{text}: no such layer blob, and not META=ORIGINAL with both files present")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     results, status = [], 0
-    for path in args.blobs:
-        entry: dict[str, Any] = {"path": path}
+    for arg in args.blobs:
+        entry: dict[str, Any] = {"path": arg}
         try:
+            item = layer_arg(arg)
+            path = item.meta if isinstance(item, TurboLayerSpec) else item
             entry["size"] = os.path.getsize(path)
             with open(path, "rb") as f:
                 entry["digest"] = sha256_file(f.fileno())
-            with open_layer(path, verify_blocks=not args.no_verify) as layer:
+            if not isinstance(item, TurboLayerSpec) and _starts_with(path, GZ_INDEX_MAGIC):  # a gzip.meta alone
+                with open(path, "rb") as f:
+                    entry["gzip_index"] = GzipIndex(f.read(), name=path).describe()
+                entry["ok"] = True
+                results.append(entry)
+                continue
+            turbo = describe_turbo_blob(path)  # None for a native blob or a bare ext4.fs.meta
+            if isinstance(item, TurboLayerSpec):
+                turbo = turbo or {}
+                turbo["original"] = {"path": item.target, "size": os.path.getsize(item.target),
+                                     "expected_digest": item.target_digest}
+            if turbo is not None:
+                entry["turbo"] = turbo
+            if isinstance(item, TurboLayerSpec):
+                opened = open_any(item, verify_blocks=not args.no_verify)
+            elif turbo is not None:
+                opened = open_turbo_meta(path, verify_blocks=not args.no_verify)
+            else:
+                try:
+                    opened = open_layer(path, verify_blocks=not args.no_verify)
+                except FormatError as native_error:
+                    try:  # a bare ext4.fs.meta fails as a native layer (tag-1 moffsets), as in overlaybd
+                        opened = open_turbo_meta(path, verify_blocks=not args.no_verify)
+                    except FormatError:
+                        raise native_error from None
+                    entry["turbo"] = {"bare_meta": True}
+            with opened as layer:
                 entry.update(describe_layer(layer, verify_blocks=not args.no_verify))
             entry["ok"] = True
         except (FormatError, OSError) as exc:
@@ -285,7 +397,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _dump(args: argparse.Namespace) -> int:
     try:
-        with StackedReader(args.blobs, verify_blocks=not args.no_verify) as stack:
+        with StackedReader([layer_arg(a) for a in args.blobs], verify_blocks=not args.no_verify) as stack:
             stack.materialize(args.output)
             print(json.dumps({"output": args.output, "virtual_size": stack.virtual_size,
                               "layers": len(stack.layers)}))
@@ -295,14 +407,23 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+TURBO_ARG_HELP = ("A turbo layer is given as META=ORIGINAL[@sha256:HEX]: META the turboOCIv1.tar.gz (or a bare "
+                  "ext4.fs.meta), ORIGINAL the original layer blob it reads file data from, HEX its expected "
+                  "digest (the descriptor's turbo-oci/target-digest; implied for ORIGINAL inside an OCI layout, "
+                  "blobs/sha256/HEX). inspect also takes a turboOCIv1.tar.gz, an ext4.fs.meta or a gzip.meta "
+                  "alone.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="obd-convert", description="overlaybd layer tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="decode and validate layer blobs, print JSON")
+    p = sub.add_parser("inspect", help="decode and validate layer blobs, print JSON",
+                       epilog=TURBO_ARG_HELP)
     p.add_argument("blobs", nargs="+", metavar="BLOB")
     p.add_argument("--no-verify", action="store_true", help="skip the per-block ZFile CRC pass")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("dump", help="materialise a stack of layer blobs (bottom to top) as a sparse raw disk")
+    p = sub.add_parser("dump", help="materialise a stack of layer blobs (bottom to top) as a sparse raw disk",
+                       epilog=TURBO_ARG_HELP)
     p.add_argument("--output", "-o", required=True, help="raw disk file to write")
     p.add_argument("blobs", nargs="+", metavar="BLOB")
     p.add_argument("--no-verify", action="store_true", help="do not check ZFile block CRCs while reading")

@@ -41,6 +41,9 @@ OBD_VERSION = "containerd.io/snapshot/overlaybd/version"
 OBD_VERSION_VALUE = "0.1.0"
 OBD_ARTIFACT_PREFIX = "application/vnd.containerd.overlaybd."
 OBD_ARTIFACT_TYPE = "application/vnd.containerd.overlaybd.native.v1+json"
+TURBO_ARTIFACT_TYPE = "application/vnd.containerd.overlaybd.turbo.v1+json"
+TURBO_TARGET_DIGEST = "containerd.io/snapshot/overlaybd/turbo-oci/target-digest"
+LEGACY_TURBO_TARGET_DIGEST = "containerd.io/snapshot/overlaybd/fastoci/target-digest"
 BASE_LAYER_UUID = "C02FB491-B4D4-4904-8684-A014D032AF78"
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
@@ -146,7 +149,8 @@ def check_not_overlaybd(manifest: Mapping[str, Any], where: str) -> None:
         raise NotAnImageError(f"{where} is already in overlaybd format (artifactType {manifest['artifactType']})")
     for layer in manifest.get("layers") or []:
         annotations = layer.get("annotations") or {}
-        if OBD_BLOB_DIGEST in annotations or OBD_VERSION in annotations:
+        if OBD_BLOB_DIGEST in annotations or OBD_VERSION in annotations or TURBO_TARGET_DIGEST in annotations \
+                or LEGACY_TURBO_TARGET_DIGEST in annotations:
             raise NotAnImageError(f"{where} is already in overlaybd format (layer {layer.get('digest')} "
                                   f"has {OBD_BLOB_DIGEST if OBD_BLOB_DIGEST in annotations else OBD_VERSION})")
 
@@ -227,28 +231,35 @@ def source_image(digest: str, media_type: str, manifest: dict[str, Any], config_
 class ConvertedLayer:
     digest: str
     size: int
+    # TurboOCI meta layers (and native layers inside a turbo image) bring their own descriptor and diff_id
+    descriptor: Mapping[str, Any] | None = None
+    diff_id: str | None = None  # default: the digest (a native blob is an uncompressed tar)
 
 
 def layer_descriptor(layer: ConvertedLayer, oci: bool) -> dict[str, Any]:
+    if layer.descriptor is not None:
+        return dict(layer.descriptor)
     return {"mediaType": OCI_LAYER_TAR if oci else DOCKER_LAYER_TAR, "digest": layer.digest, "size": layer.size,
             "annotations": {OBD_BLOB_DIGEST: layer.digest, OBD_BLOB_SIZE: str(layer.size),
                             OBD_VERSION: OBD_VERSION_VALUE}}
 
 
 def rewrite_config(config: Mapping[str, Any], layers: Sequence[ConvertedLayer]) -> bytes:
-    """The source config with rootfs.diff_ids replaced by the overlaybd blob digests; the rest unchanged."""
+    """The source config with rootfs.diff_ids replaced by the overlaybd blob digests (for a TurboOCI meta layer,
+    the digest of the tar inside it, TurboOCI §1.5); the rest unchanged."""
     out = dict(config)
-    out["rootfs"] = {**config["rootfs"], "diff_ids": [layer.digest for layer in layers]}
+    out["rootfs"] = {**config["rootfs"], "diff_ids": [layer.diff_id or layer.digest for layer in layers]}
     return canonical(out)
 
 
 def rewrite_manifest(source: SourceImage, config_raw: bytes, layers: Sequence[ConvertedLayer], *, oci: bool,
-                     annotations: Mapping[str, str], subject: Mapping[str, Any] | None = None) -> bytes:
-    """The converted image manifest (§8). `annotations` (ours) are added to the source's own."""
+                     annotations: Mapping[str, str], subject: Mapping[str, Any] | None = None,
+                     artifact_type: str = OBD_ARTIFACT_TYPE) -> bytes:
+    """The converted image manifest (§8; TurboOCI §1.4). `annotations` (ours) are added to the source's own."""
     media_type = OCI_MANIFEST if oci else DOCKER_MANIFEST
     manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": media_type}
     if subject is not None:
-        manifest["artifactType"] = OBD_ARTIFACT_TYPE
+        manifest["artifactType"] = artifact_type
     manifest["config"] = {"mediaType": OCI_CONFIG if oci else DOCKER_CONFIG, "digest": sha256_digest(config_raw),
                           "size": len(config_raw)}
     manifest["layers"] = [layer_descriptor(layer, oci) for layer in layers]
@@ -271,12 +282,13 @@ class ConvertedChild:
 
 
 def rewrite_index(index: Mapping[str, Any], children: Sequence[ConvertedChild], *, oci: bool,
-                  annotations: Mapping[str, str], subject: Mapping[str, Any] | None = None) -> bytes:
+                  annotations: Mapping[str, str], subject: Mapping[str, Any] | None = None,
+                  artifact_type: str = OBD_ARTIFACT_TYPE) -> bytes:
     """The converted index: platform and annotations kept, digest/size/mediaType replaced (§8)."""
     media_type = OCI_INDEX if oci else DOCKER_LIST
     out: dict[str, Any] = {"schemaVersion": 2, "mediaType": media_type}
     if subject is not None:
-        out["artifactType"] = OBD_ARTIFACT_TYPE
+        out["artifactType"] = artifact_type
     out["manifests"] = [{**child.source, "mediaType": child.media_type, "digest": child.digest, "size": child.size}
                         for child in children]
     if subject is not None:

@@ -9,9 +9,12 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PermanentError
+
+if TYPE_CHECKING:
+    from .transport import Location
 
 DEFAULT_BASE_LAYER = "/opt/overlaybd/baselayers/ext4_64"
 ALGORITHMS = ("lz4", "zstd")
@@ -87,6 +90,9 @@ class ConvertOptions:
     upload: bool = True  # False: build into work_dir and keep the blobs, push nothing
     reserve: bool = False  # keep the temp directory
     verify_diff_ids: bool = True  # hash each decompressed layer and compare with the config
+    turbo_oci: bool = False  # the target gets a TurboOCIv1 image instead of a native one (--turboOCI alone)
+    # also publish a TurboOCIv1 image there (--overlaybd T1 --turboOCI T2); the webhook passes a Location
+    turbo_target: str | Location | None = None
     registry: RegistryOptions | Mapping[str, Any] | None = None
     progress: ProgressFn | None = field(default=None, repr=False, compare=False)
     cancel: threading.Event | None = field(default=None, repr=False, compare=False)
@@ -108,6 +114,9 @@ class ConvertOptions:
         if isinstance(self.platforms, str):
             self.platforms = (self.platforms,)
         self.platforms = tuple(self.platforms)
+        if self.turbo_oci and self.turbo_target:
+            raise OptionsError("turbo_oci (the target is the turbo image) and turbo_target (a second, turbo "
+                               "target next to the native one) exclude each other")
         if not self.mkfs:
             self.base_layer = self.base_layer or DEFAULT_BASE_LAYER
             if not os.path.isfile(self.base_layer):

@@ -102,8 +102,9 @@ def trigger() -> Response | tuple[Response, int]:
         return _error("no rule matches this reference (or the named rule does not exist)", 422)
     if any(tag.endswith(s) for s in services().config.output_suffixes):
         return _error(f"tag {tag!r} is a conversion output; converting it again would loop", 422)
+    target_tag, options = rule.job_target(tag)
     job = NewJob(registry=registry, repository=repository, tag=tag, digest=digest,
-                 target_tag=tag + rule.suffix, rule=rule.name, options=rule.options, origin="manual")
+                 target_tag=target_tag, rule=rule.name, options=options, origin="manual")
     outcome = services().store.record([Intake(source="api", job=job)])[0]
     job_id = outcome.job_id
     status = 201 if outcome.status == "accepted" else 200

@@ -159,9 +159,10 @@ def evaluate(config: Config, client: RegistryClient, registry: str, repository: 
     rule = decision.rule
     if up_to_date(client, repository, tag, manifest.digest, rule):
         return Candidate(repository, tag, "up_to_date")
+    target_tag, options = rule.job_target(tag)
     return Candidate(repository, tag, job=NewJob(
         registry=registry, repository=repository, tag=tag, digest=manifest.digest,
-        target_tag=tag + rule.suffix, rule=rule.name, options=rule.options,
+        target_tag=target_tag, rule=rule.name, options=options,
         media_type=manifest.media_type, origin="backfill"))
 
 

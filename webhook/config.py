@@ -26,12 +26,15 @@ from webhook.names import host_problem
 ENV_PREFIX = "OBD_WEBHOOK_"
 SECRET_FILE_NAME = "webhook-secret"
 DEFAULT_SUFFIX = "_obd"
+# Job option naming the tag of a second, TurboOCI output (the conversion turns it into a target Location).
+TURBO_TAG_OPTION = "turbo_tag"
 DEFAULT_TURBO_SUFFIX = "_turbo"
 # gevent: one OS thread per HTTP process, requests as greenlets (about a third less CPU per event than
 # gthread, whose request threads spend it handing the GIL to each other); gthread: plain threads.
 HTTP_WORKER_CLASSES = ("gevent", "gthread")
 # ConvertOptions fields that belong to one run or to the service, not to a rule.
-NOT_RULE_OPTIONS = frozenset({"registry", "progress", "cancel", "upload", "reserve"})
+NOT_RULE_OPTIONS = frozenset({"registry", "progress", "cancel", "upload", "reserve", "turbo_oci", "turbo_target",
+                              TURBO_TAG_OPTION})
 
 
 class ConfigError(ValueError):
@@ -86,6 +89,17 @@ class Rule:
         """The tag suffixes this rule publishes (native first). Loop checks, delete mirroring and the
         stale report all go through this one list."""
         return ((self.suffix,) if self.overlaybd else ()) + ((self.turbo_suffix,) if self.turbo_oci else ())
+
+    def job_target(self, tag: str) -> tuple[str, dict[str, Any]]:
+        """(target tag, conversion options) of a job for this rule's outputs: the native tag, with the turbo
+        image's tag under TURBO_TAG_OPTION when both are on; or the turbo tag alone. The job's registry and
+        repository travel with the job, so only the tag is recorded here (see webhook.conversion)."""
+        options = dict(self.options)
+        if not self.overlaybd:
+            return tag + self.turbo_suffix, {**options, "turbo_oci": True}
+        if self.turbo_oci:
+            options[TURBO_TAG_OPTION] = tag + self.turbo_suffix
+        return tag + self.suffix, options
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converter.errors import PermanentError
-from webhook.config import RegistrySettings
+from webhook.config import TURBO_TAG_OPTION, RegistrySettings
 from webhook.store import ImageRefs
 
 
@@ -78,11 +78,15 @@ def default_convert(job: ConversionRequest) -> ConversionResult:
     # text (which would read a single-label host as a Docker Hub namespace).
     source = transport.registry_location(job.registry, job.repository, digest=job.digest)
     target = transport.registry_location(job.registry, job.repository, tag=job.target_tag)
+    if turbo_tag := options.pop(TURBO_TAG_OPTION, None):  # a second, TurboOCI output of the same run
+        options["turbo_target"] = transport.registry_location(job.registry, job.repository, tag=str(turbo_tag))
     result = pipeline.convert(source, target, pipeline.ConvertOptions(**options, cancel=job.cancel))
     return ConversionResult(
         target_ref=job.target_ref, target_digest=result.target_digest, bytes_written=result.bytes_written,
         details={"up_to_date": result.up_to_date, "layers_converted": result.layers_converted,
-                 "layers_reused": result.layers_reused, "seconds": result.seconds},
+                 "layers_reused": result.layers_reused, "seconds": result.seconds, "kind": result.kind,
+                 **({"turbo_target": result.turbo.target, "turbo_digest": result.turbo.target_digest}
+                    if result.turbo is not None else {})},
     )
 
 

@@ -50,10 +50,11 @@ def intake_for(event: RegistryEvent, config: Config, bound: str | None = None) -
             log.info("event ignored", extra={"event_id": clip(event.event_id, 200), "source": event.source,
                                               "reason": decision.reason, "detail": decision.detail})
         return Intake(source=event.source, event_id=event.event_id, reason=decision.reason)
+    target_tag, options = decision.rule.job_target(event.tag)
     return Intake(source=event.source, event_id=event.event_id, job=NewJob(
         registry=decision.registry, repository=event.repository, tag=event.tag, digest=event.digest,
-        target_tag=event.tag + decision.rule.suffix, rule=decision.rule.name,
-        options=decision.rule.options, media_type=event.media_type,
+        target_tag=target_tag, rule=decision.rule.name,
+        options=options, media_type=event.media_type,
     ))
 
 

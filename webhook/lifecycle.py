@@ -92,10 +92,10 @@ def delete_intake(event: RegistryEvent, config: Config, bound: str | None = None
 
 def delete_job(registry: str, repository: str, tag: str, rule: Rule, config: Config, *, digest: str = "",
                origin: str) -> NewJob:
-    """The job deleting `tag`'s outputs. Its key is the one a conversion of the tag has (`<tag><suffix>`),
+    """The job deleting `tag`'s outputs. Its key is the one a conversion of the tag has (`rule.job_target`),
     so a pending conversion of the tag is superseded by the deletion and a pending deletion by a new push."""
     return NewJob(registry=registry, repository=repository, tag=tag, digest=digest,
-                  target_tag=tag + rule.suffix, rule=rule.name,
+                  target_tag=rule.job_target(tag)[0], rule=rule.name,
                   options={"delete_tags": [tag + s for s in rule.output_suffixes],
                            "output_suffixes": list(config.output_suffixes)},
                   origin=origin, action="delete")
@@ -262,10 +262,11 @@ def fix_intakes(config: Config, found: Sequence[StaleOutput], fix: str) -> tuple
             skipped.append({**entry.to_dict(), "why": "source tag exists (moved): reconvert instead"})
         elif fix == "reconvert":
             assert entry.current_digest is not None
+            target_tag, options = rule.job_target(entry.source_tag)
             intakes.append(Intake(source="api", job=NewJob(
                 registry=entry.registry, repository=entry.repository, tag=entry.source_tag,
-                digest=entry.current_digest, target_tag=entry.source_tag + rule.suffix,
-                rule=rule.name, options=rule.options, origin="manual")))
+                digest=entry.current_digest, target_tag=target_tag,
+                rule=rule.name, options=options, origin="manual")))
         else:
             intakes.append(Intake(source="api", job=delete_job(entry.registry, entry.repository, entry.source_tag,
                                                                rule, config, origin="manual")))

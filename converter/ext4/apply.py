@@ -11,8 +11,9 @@ the new metadata; a hardlink's target must exist already.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..errors import MAX_NAME, shorten
 from .bitmap import BitSet
@@ -53,7 +54,18 @@ OPAQUE_MARKER = b".wh..wh..opq"
 MAX_SYMLINK_FOLLOWS = 255
 MAX_SYMLINK_TARGET = BLOCK_SIZE - 1
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+SECTOR_SIZE = 512  # the LSMT's unit: TurboOCI maps file data to the tar sector by sector
 DATA_CHUNK = 1 << 20  # file data is read and written in 1 MiB pieces (a multiple of the block size)
+
+
+class RemoteSink(Protocol):
+    """The TurboOCI meta layer as the applier sees it (converter.formats.warp.MetaLayerWriter): a BlockSink
+    for metadata plus tag-1 mappings of file blocks to the file's bytes in the uncompressed layer tar."""
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def map_remote(self, offset: int, length: int, tar_offset: int) -> None:
+        """`length` bytes (rounded up to 512 by the writer) at disk byte `offset` are tar bytes `tar_offset`.."""
 
 
 class LayerApplyError(Exception):
@@ -130,13 +142,50 @@ class _CoalescingSink:
             self._sink.write(self._start, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
-class LayerApplier:
-    """Applies one layer. Create one per layer: it remembers which names this layer created."""
+class _TeeSink:
+    """Metadata for both outputs of a `--overlaybd T1 --turboOCI T2` run: the same blocks to both sinks."""
 
-    def __init__(self, fs: Filesystem, sink: BlockSink, label: str) -> None:
+    def __init__(self, *sinks: BlockSink) -> None:
+        self._sinks = sinks
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        for sink in self._sinks:
+            sink.write(offset, data)
+
+    def flush(self) -> None:
+        for sink in self._sinks:
+            if isinstance(sink, _CoalescingSink):
+                sink.flush()
+
+
+class LayerApplier:
+    """Applies one layer. Create one per layer: it remembers which names this layer created.
+
+    Output modes (the filesystem and its block allocation are the same in all three):
+      * native (`sink`, no `turbo`): metadata and file data are written to `sink`;
+      * turbo (`turbo`, no `sink`): metadata is written to `turbo`, file data is not read at all; each
+        file's blocks are mapped to its bytes in the uncompressed tar (`turbo.map_remote`, TurboOCI §2.6);
+      * both (`sink` and `turbo`): metadata to both, file data to `sink`, mappings to `turbo`.
+    """
+
+    def __init__(self, fs: Filesystem, sink: BlockSink | None, label: str, turbo: RemoteSink | None = None) -> None:
+        if sink is None and turbo is None:
+            raise ValueError("a layer needs a native sink, a turbo meta sink, or both")
         self.fs = fs
-        self._final_sink = sink
-        self.sink = _CoalescingSink(sink)
+        self.turbo = turbo
+        # file data (native output only), and metadata written while the tar is read (long symlinks)
+        self._data: _CoalescingSink | None = None if sink is None else _CoalescingSink(sink)
+        meta = None if turbo is None else _CoalescingSink(turbo)
+        self.sink: _CoalescingSink | _TeeSink = (
+            self._data if meta is None else meta if self._data is None else _TeeSink(self._data, meta)  # type: ignore[assignment]
+        )
+        self._final_sink: BlockSink = (
+            sink if turbo is None else turbo if sink is None else _TeeSink(sink, turbo)  # type: ignore[assignment]
+        )
+        # turbo: per inode created by this layer, its (file offset, length, tar offset) data runs; emitted
+        # at the end of the layer for inodes still alive, so a file replaced or deleted in the same layer
+        # leaves no mapping onto blocks that were freed (and possibly reused by metadata)
+        self._remote: dict[int, tuple[Inode, list[tuple[int, int, int]]]] = {}
         self.label = label
         self.stats = LayerStats()
         # What this layer created or re-declared, for its own whiteouts: the inodes its names lead to (a new
@@ -173,6 +222,10 @@ class LayerApplier:
             problem = f"cannot read layer data: {exc.__class__.__name__}: {exc}"
             raise LayerApplyError(self.label, self._current_name(reader), problem) from exc
         self.sink.flush()
+        if self._data is not None:
+            self._data.flush()
+        if self.turbo is not None:
+            self._emit_remote(self.turbo)
         self.fs.flush(self._final_sink)
         return self.stats
 
@@ -298,6 +351,14 @@ class LayerApplier:
         if not size:
             return
         extents = self.fs.allocate_file_blocks(inode, -(-size // BLOCK_SIZE))
+        if self.turbo is not None:
+            assert reader.current is not None
+            self._remote[inode.ino] = (inode, [(0, size, reader.current.data_offset)])
+            if self._data is None:
+                self.stats.data_bytes += size
+                return  # the tar reader skips the data
+        sink = self._data
+        assert sink is not None
         remaining = size
         for extent in extents:
             offset = extent.physical * BLOCK_SIZE
@@ -307,12 +368,12 @@ class LayerApplier:
                 data = reader.read_exact(n)
                 full = n - n % BLOCK_SIZE
                 if full == n:
-                    self.sink.write(offset, data)
+                    sink.write(offset, data)
                 else:
                     # Only the file's last block needs zero padding: copy just that block.
                     if full:
-                        self.sink.write(offset, data[:full])
-                    self.sink.write(offset + full, b"".join((data[full:], ZERO_BLOCK[: BLOCK_SIZE - (n - full)])))
+                        sink.write(offset, data[:full])
+                    sink.write(offset + full, b"".join((data[full:], ZERO_BLOCK[: BLOCK_SIZE - (n - full)])))
                 written = full if full == n else full + BLOCK_SIZE
                 offset += written
                 room -= written
@@ -338,6 +399,10 @@ class LayerApplier:
                 ranges[-1][1] = max(ranges[-1][1], b1)
             else:
                 ranges.append([b0, b1])
+        mapped: list[tuple[int, int, int]] = []
+        if self.turbo is not None:
+            mapped = _sparse_remote_runs(segments, entry.data_offset)
+            self._remote[inode.ino] = (inode, mapped)
         seg_index, seg_pos = 0, segments[0][0] if segments else 0
         window_blocks = DATA_CHUNK // BLOCK_SIZE
         for b0, b1 in ranges:
@@ -358,21 +423,38 @@ class LayerApplier:
                         seg_index += 1
                     else:
                         break
-                self._write_logical(extents, w0, window)
+                if self._data is not None:
+                    self._write_logical(self._data, extents, w0 * BLOCK_SIZE, window)
+                if self.turbo is not None:
+                    # Every sector of an allocated block that is not mapped to the tar (holes inside the
+                    # file, segment edges off the 512 grid) is written as metadata: left unmapped it would
+                    # read a lower layer's stale block.
+                    for a, b in _gaps(mapped, lo, hi):
+                        self._write_logical(self.sink, extents, a, memoryview(window)[a - lo : b - lo])
         self.stats.data_bytes += entry.size
 
-    def _write_logical(self, extents: list[Extent], logical: int, data: bytes | bytearray) -> None:
+    @staticmethod
+    def _write_logical(sink: BlockSink, extents: list[Extent], start: int,
+                       data: bytes | bytearray | memoryview) -> None:
+        """Write `data` (a multiple of 512 bytes) at file byte `start` through the file's extents."""
         view = memoryview(data)
-        for e in extents:
-            if e.logical + e.length <= logical or not view:
-                continue
-            skip = logical - e.logical
-            n = min(e.length - skip, len(view) // BLOCK_SIZE)
-            self.sink.write((e.physical + skip) * BLOCK_SIZE, view[: n * BLOCK_SIZE])
-            view = view[n * BLOCK_SIZE :]
-            logical += n
+        for disk_offset, n in _physical_runs(extents, start, len(view)):
+            sink.write(disk_offset, view[:n])
+            view = view[n:]
 
-    # ------------------------------------------------------------------ paths
+    def _emit_remote(self, turbo: RemoteSink) -> None:
+        """Map the data runs of this layer's files that are still alive (TurboOCI §2.6 step 4)."""
+        inodes = self.fs.inodes
+        for ino, (inode, runs) in self._remote.items():
+            if inodes.get(ino) is not inode:
+                continue  # replaced or deleted within this layer: its blocks are free (or reused)
+            for start, length, tar_offset in runs:
+                for disk_offset, n in _physical_runs(inode.extents, start, length):
+                    turbo.map_remote(disk_offset, n, tar_offset)
+                    tar_offset += n
+        self._remote.clear()
+
+    # ------------------------------------------------------------------ paths (see below for turbo helpers)
 
     def _resolve_dir(self, comps: list[bytes], entry: TarEntry, create: bool = True) -> int:
         """Directory inode for parent components, following symlinks inside the root (fs.RootPath)."""
@@ -470,3 +552,53 @@ class LayerApplier:
                 self._remove(dir_ino, name)
             elif self.fs.inodes[child].is_dir:
                 self._clear_lower(child)
+
+
+# ---------------------------------------------------------------------------------------- turbo helpers
+
+
+def _physical_runs(extents: list[Extent], start: int, length: int) -> Iterator[tuple[int, int]]:
+    """(disk byte offset, bytes) pieces of file bytes start..start+length, following the extents in order.
+    The last piece may end inside a block (a file's partial last block)."""
+    end = start + length
+    for e in extents:
+        lo, hi = e.logical * BLOCK_SIZE, (e.logical + e.length) * BLOCK_SIZE
+        if hi <= start or lo >= end:
+            continue
+        a, b = max(lo, start), min(hi, end)
+        yield e.physical * BLOCK_SIZE + (a - lo), b - a
+
+
+def _sparse_remote_runs(segments: list[tuple[int, int]], data_offset: int) -> list[tuple[int, int, int]]:
+    """The 512-aligned parts of a sparse file's data segments as (file offset, length, tar offset) runs.
+
+    Segments are stored back to back in the tar, so only those whose file offset and tar offset agree
+    modulo 512 can be mapped sector by sector; anything else is written as metadata by the caller."""
+    runs: list[tuple[int, int, int]] = []
+    tar = data_offset
+    for off, n in segments:
+        if (tar - off) % SECTOR_SIZE == 0:
+            a = -(-off // SECTOR_SIZE) * SECTOR_SIZE
+            b = (off + n) // SECTOR_SIZE * SECTOR_SIZE
+            if b > a:
+                runs.append((a, b - a, tar + (a - off)))
+        tar += n
+    return runs
+
+
+def _gaps(runs: list[tuple[int, int, int]], lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The parts of file bytes lo..hi that no run covers (runs sorted by file offset, non-overlapping)."""
+    pos = lo
+    for start, length, _ in runs:
+        end = start + length
+        if end <= pos:
+            continue
+        if start >= hi:
+            break
+        if start > pos:
+            yield pos, start
+        pos = max(pos, end)
+        if pos >= hi:
+            return
+    if pos < hi:
+        yield pos, hi

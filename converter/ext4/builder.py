@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import BinaryIO
 
-from .apply import LayerApplier, LayerApplyError, LayerStats
+from .apply import LayerApplier, LayerApplyError, LayerStats, RemoteSink
 from .fs import BlockSink, Filesystem
 from .layerstream import LayerStream
 from .load import Disk, load_filesystem
@@ -52,7 +52,11 @@ class ImageBuilder:
         builder.fs = fs
         return builder
 
-    def apply_layer(self, stream: BinaryIO | LayerStream, sink: BlockSink, label: str | None = None) -> LayerStats:
+    def apply_layer(self, stream: BinaryIO | LayerStream, sink: BlockSink | None, label: str | None = None, *,
+                    turbo: RemoteSink | None = None) -> LayerStats:
+        """Apply one layer. `sink` gets the native blocks (metadata and file data); `turbo`, a TurboOCI meta
+        layer writer, gets the metadata and the tag-1 mappings of file data (TurboOCI §2.6). Give either or
+        both: with both, one pass over the tar feeds both outputs (the block layout is the same)."""
         if self._failed is not None:
             raise RuntimeError(f"the filesystem is unusable after a failed layer: {self._failed}")
         label = label or str(self.layers_applied + 1)
@@ -61,7 +65,7 @@ class ImageBuilder:
                 self.fs = Filesystem.mkfs(self.vsize, uuid=self._fs_uuid, hash_seed=self._hash_seed)
             self.fs.applying(True)
             try:
-                stats = LayerApplier(self.fs, sink, label).apply(stream)
+                stats = LayerApplier(self.fs, sink, label, turbo).apply(stream)
             finally:
                 self.fs.applying(False)
         except LayerApplyError as exc:

@@ -6,6 +6,12 @@
         tar.drain()
         diff_id = "sha256:" + tar.hexdigest()
 
+Turbo conversions ask for the gzip index of the layer in the same pass: `LayerStream(blob,
+gzip_index=True)` decompresses gzip through formats/gzstream.py (zlib with Z_BLOCK in a helper process,
+recording overlaybd's checkpoints) instead of ISA-L, and `gzip_index()` returns the gzip.meta bytes after
+the end (None for a plain tar or zstd layer). A gzip blob with data after its first member then fails
+(MultiMemberError): overlaybd's index covers only the first member.
+
 Why not a file-like stream: every `read()` of a buffered stream copies, and the ext4 builder used to copy
 each byte of a layer three times before it reached the compressor. Chunks are `bytes`, so the tar reader
 hands out views of them and file data reaches the compression slots with a single copy.
@@ -29,6 +35,8 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
+from ..formats.gzstream import GzipIndexStream
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -36,24 +44,29 @@ CHUNK_BYTES = 8 << 20
 QUEUE_CHUNKS = 2  # decompressed ahead of the reader, besides the one being filled
 
 
-def _chunk_reader(raw: BinaryIO, chunk_bytes: int) -> tuple[str, Callable[[], bytes]]:
-    """(compression name, a function returning the next piece of uncompressed data, b"" at the end)."""
+def _chunk_reader(raw: BinaryIO, chunk_bytes: int,
+                  gzip_index: bool = False) -> tuple[str, Callable[[], bytes], GzipIndexStream | None]:
+    """(compression name, a function returning the next piece of uncompressed data, b"" at the end, the
+    indexing decompressor when a gzip index was asked for)."""
     buffered: BinaryIO = raw if hasattr(raw, "peek") else io.BufferedReader(raw, 1 << 20)  # type: ignore[arg-type]
     magic = buffered.peek(4)[:4]  # type: ignore[attr-defined]
+    if magic.startswith(GZIP_MAGIC) and gzip_index:
+        indexed = GzipIndexStream(buffered, chunk_bytes=chunk_bytes)
+        return "gzip", indexed.read, indexed
     if magic.startswith(GZIP_MAGIC):
         from isal import igzip
 
         # The reader class behind isal's own threaded gzip reader: it takes the size of its compressed
         # input reads, which public IGzipFile fixes at 128 KiB (one GIL hand-off each).
         gz = igzip._IGzipReader(buffered, buffersize=max(chunk_bytes, 1 << 20))  # it must hold a gzip header
-        return "gzip", lambda: gz.read(chunk_bytes)
+        return "gzip", lambda: gz.read(chunk_bytes), None
     if magic == ZSTD_MAGIC:
         import zstandard
 
         # zstd:chunked layers (podman's default) are many small frames: read across them into full chunks
         zst = zstandard.ZstdDecompressor().stream_reader(buffered, read_size=chunk_bytes, read_across_frames=True)
-        return "zstd", lambda: zst.read(chunk_bytes)
-    return "none", lambda: buffered.read(chunk_bytes)
+        return "zstd", lambda: zst.read(chunk_bytes), None
+    return "none", lambda: buffered.read(chunk_bytes), None
 
 
 class LayerStream:
@@ -63,8 +76,9 @@ class LayerStream:
     the data after it. close() stops the helper (it finishes the read it is in) and does not close `raw`.
     """
 
-    def __init__(self, raw: BinaryIO, *, hash_content: bool = False, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.compression, self._read = _chunk_reader(raw, chunk_bytes)
+    def __init__(self, raw: BinaryIO, *, hash_content: bool = False, chunk_bytes: int = CHUNK_BYTES,
+                 gzip_index: bool = False) -> None:
+        self.compression, self._read, self._indexed = _chunk_reader(raw, chunk_bytes, gzip_index)
         self._hash = hashlib.sha256() if hash_content else None
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(QUEUE_CHUNKS)
         self._stop = threading.Event()
@@ -121,6 +135,16 @@ class LayerStream:
         self._thread.join()
         return self._hash.hexdigest()
 
+    def gzip_index(self) -> bytes | None:
+        """The gzip.meta of a gzip layer read with `gzip_index=True` (turbooci §3), None for a plain tar or
+        zstd layer or without gzip_index; call after the end was reached."""
+        if self._indexed is None:
+            return None
+        if not self._ended:
+            raise RuntimeError("LayerStream.gzip_index() before the end of the content")
+        self._thread.join()
+        return self._indexed.index_file()
+
     def close(self) -> None:
         self._stop.set()
         while True:  # unblock a helper waiting to put
@@ -128,7 +152,11 @@ class LayerStream:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
+        if self._indexed is not None:
+            self._indexed.stop()  # a helper waiting for the child's next chunk gets an error and ends
         self._thread.join()
+        if self._indexed is not None:
+            self._indexed.close()
 
     def __enter__(self) -> LayerStream:
         return self

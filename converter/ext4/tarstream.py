@@ -69,6 +69,10 @@ class TarEntry:
     sparse: list[tuple[int, int]] | None = None  # (offset, length) data segments of a sparse file
     realsize: int = 0  # logical size of a sparse file
     offset: int = 0  # byte offset of this entry's header in the uncompressed stream
+    # byte offset of the entry's first stored data byte in the uncompressed stream: after its PAX / GNU
+    # long-name headers, old-GNU sparse extension blocks and a PAX 1.0 sparse map (TurboOCI maps file
+    # blocks to it, reference turbooci §2.6); always a multiple of 512
+    data_offset: int = 0
 
     @property
     def file_size(self) -> int:
@@ -331,6 +335,7 @@ class TarReader:
                 self._read_old_gnu_sparse(entry, header)
             elif entry.sparse is None and pax.get("GNU.sparse.major") == b"1":
                 self._read_sparse_1_0_map(entry)
+            entry.data_offset = self._pos
             return entry
 
     @staticmethod

@@ -159,11 +159,25 @@ def resolve_extents(starts: Iterable[int], lengths: Iterable[int], moffsets: Ite
     recs = sorted(zip(starts, lengths, moffsets, zeroed, priorities, sources, strict=True))
     recs = [r for r in recs if r[1] > 0]
     pieces: list[Extent] = []
-    overlapping = any(recs[i][0] + recs[i][1] > recs[i + 1][0] for i in range(len(recs) - 1))
-    if not overlapping:
-        for start, length, moff, zero, _prio, src in recs:
+    # Only clusters of mutually overlapping records need the priority sweep; a record that overlaps no
+    # other one (most of them) is taken as it is.
+    first, count = 0, len(recs)
+    while first < count:
+        last, end = first + 1, recs[first][0] + recs[first][1]
+        while last < count and recs[last][0] < end:
+            end = max(end, recs[last][0] + recs[last][1])
+            last += 1
+        if last == first + 1:
+            start, length, moff, zero, _prio, src = recs[first]
             _append_coalesced(pieces, start, length, moff, zero, src)
-        return pieces
+        else:
+            _sweep(recs[first:last], pieces)
+        first = last
+    return pieces
+
+
+def _sweep(recs: list[tuple[int, int, int, bool, int, int]], pieces: list[Extent]) -> None:
+    """The highest-priority record per sector of overlapping records (sorted by start), appended to pieces."""
     bounds = sorted({r[0] for r in recs} | {r[0] + r[1] for r in recs})
     heap: list[tuple[int, int]] = []  # (-priority, record index); expired records are dropped lazily
     nxt = 0
@@ -177,7 +191,6 @@ def resolve_extents(starts: Iterable[int], lengths: Iterable[int], moffsets: Ite
         if heap:
             start, _length, moff, zero, _prio, src = recs[heap[0][1]]
             _append_coalesced(pieces, p, q - p, moff if zero else moff + (p - start), zero, src)
-    return pieces
 
 
 def _append_coalesced(pieces: list[Extent], start: int, length: int, moff: int, zero: bool, src: int) -> None:
@@ -315,8 +328,10 @@ class LsmtLayer:
     """
 
     def __init__(self, view: RandomAccess, *, wrapper: TarWrapping | None = None,
-                 zfile: ZFileReader | None = None, on_close: Callable[[], None] | None = None) -> None:
+                 zfile: ZFileReader | None = None, on_close: Callable[[], None] | None = None,
+                 warp: bool = False) -> None:
         self.view = view
+        self.warp = warp  # a turbo meta layer (turbooci §2): tags kept and rebased, tag 1 = remote data
         self.name = view.name
         self.wrapper = wrapper
         self.zfile = zfile
@@ -335,6 +350,8 @@ class LsmtLayer:
         self.lengths = array("Q")
         self.moffsets = array("Q")
         self.zeroed = bytearray()
+        self.tags = bytearray()  # all 0 for a native layer (its tags are not meaningful)
+        self.remote: RandomAccess | None = None  # a warp layer's original tar, serving tag-1 entries
         self.padding_entries = 0
         self._load_index()
 
@@ -361,6 +378,13 @@ class LsmtLayer:
         raw = self.view.pread(t.index_offset, t.index_size * 16)
         lo_sector, hi_sector = HT_SPACE // SECTOR, t.index_offset // SECTOR
         prev_end, prev_no = 0, -1
+        # a warp file's tags are rebased by the smallest one present (open_warpfile_ro, turbooci §2.5)
+        base_tag = min((hi >> _TAG_SHIFT for lo, hi in _ENTRY.iter_unpack(raw)
+                        if lo & INVALID_OFFSET != INVALID_OFFSET), default=0) if self.warp else 0
+        if base_tag:
+            raise FormatError(f"{self.name}: meta layer has no tag-0 (metadata) entry, its smallest tag is "
+                              f"{base_tag}: overlaybd would rebase the tags and read remote data from the meta "
+                              f"blob (turbooci §2.5)")
         for no, (lo, hi) in enumerate(_ENTRY.iter_unpack(raw)):
             offset = lo & INVALID_OFFSET
             if offset == INVALID_OFFSET:
@@ -370,7 +394,14 @@ class LsmtLayer:
             where = f"{self.name}: LSMT index entry {no} (offset {offset}, length {length}, moffset {moff})"
             if offset < prev_end:
                 raise FormatError(f"{where}: not sorted / overlaps entry {prev_no} ending at sector {prev_end}")
-            if zero:
+            tag = (hi >> _TAG_SHIFT) - base_tag if self.warp else 0
+            if tag > 1:
+                raise FormatError(f"{where}: tag {tag + base_tag} (rebased {tag}); a meta layer has only "
+                                  f"tags 0 (metadata) and 1 (remote data)")
+            if tag == 1:
+                if zero or length == 0:
+                    raise FormatError(f"{where}: a remote-data (tag 1) entry must be a non-empty data entry")
+            elif zero:
                 if not lo_sector <= moff <= hi_sector:
                     raise FormatError(f"{where}: zeroed entry moffset outside [{lo_sector}, {hi_sector}]")
             elif not (lo_sector <= moff < hi_sector and lo_sector < moff + length <= hi_sector):
@@ -379,6 +410,7 @@ class LsmtLayer:
             self.lengths.append(length)
             self.moffsets.append(moff)
             self.zeroed.append(zero)
+            self.tags.append(tag)
             prev_end, prev_no = offset + length, no
 
     def __len__(self) -> int:
@@ -386,10 +418,29 @@ class LsmtLayer:
 
     def iter_entries(self) -> Iterator[SegmentMapping]:
         for i in range(len(self.offsets)):
-            yield SegmentMapping(self.offsets[i], self.lengths[i], self.moffsets[i], bool(self.zeroed[i]))
+            yield SegmentMapping(self.offsets[i], self.lengths[i], self.moffsets[i], bool(self.zeroed[i]),
+                                 self.tags[i])
 
-    def pread_data(self, byte_offset: int, length: int) -> bytes:
-        return self.view.pread(byte_offset, length)
+    def attach_remote(self, tar: RandomAccess) -> None:
+        """Serve this warp layer's tag-1 entries from `tar` (the original layer's uncompressed tar),
+        after checking that every tag-1 range lies inside it."""
+        if not self.warp:
+            raise FormatError(f"{self.name}: only a meta (warp) layer reads remote data")
+        for i in range(len(self.offsets)):
+            if self.tags[i] == 1 and (self.moffsets[i] + self.lengths[i]) * SECTOR > tar.size:
+                raise FormatError(f"{self.name}: LSMT index entry (offset {self.offsets[i]}, length "
+                                  f"{self.lengths[i]}, tar sector {self.moffsets[i]}) reads up to tar byte "
+                                  f"{(self.moffsets[i] + self.lengths[i]) * SECTOR}, past the end of the original "
+                                  f"layer's tar {tar.name} ({tar.size} bytes)")
+        self.remote = tar
+
+    def pread_data(self, byte_offset: int, length: int, tag: int = 0) -> bytes:
+        """Data of an entry: tag 0 from this blob, tag 1 from the original tar (warp layers)."""
+        if tag == 0:
+            return self.view.pread(byte_offset, length)
+        if self.remote is None:
+            raise FormatError(f"{self.name}: remote data read without the original layer attached")
+        return self.remote.pread(byte_offset, length)
 
     def close(self) -> None:
         self.view.close()

@@ -1,6 +1,10 @@
 """Opening layer blobs (tar / ZFile / bare LSMT detection) and reading a stack of them as one virtual disk
 with overlaybd's merge rules (reference §1.9): the topmost layer covering a sector wins, zeroed entries
 mask lower data, holes fall through, and sectors no layer covers read as zeros.
+
+Turbo layers (turbooci §2.5) stack the same way: a layer given as a TurboLayerSpec (meta blob + original
+blob) is opened by turbo.open_turbo_layer, and its tag-1 entries read the original layer's tar. Native and
+turbo layers mix freely; every (layer, tag) pair is its own data source in the merged map.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from .common import SECTOR, FileView, FormatError
 from .lsmt import MAX_MERGED_INDEX_ENTRIES, MAX_STACK_LAYERS, LsmtLayer, resolve_extents
 from .tarwrap import read_tar_wrapping
+from .turbo import TurboLayerSpec, open_turbo_layer
 from .zfile import ZF_HT_SPACE, ZFileReader, is_zfile
 
 READ_CHUNK = 8 << 20  # materialize() reads mapped data in pieces of this size
@@ -38,10 +43,29 @@ def open_layer(path: str | os.PathLike[str], *, verify_blocks: bool = True) -> L
         raise
 
 
-class StackedReader:
-    """Layers bottom to top, merged once into a sorted extent map; serves pread() and materialize()."""
+class RemoteData:
+    """The tag-1 data of a turbo layer, as extents() hands it out: pread_data() reads the original tar."""
 
-    def __init__(self, layers: Sequence[str | os.PathLike[str] | LsmtLayer], *,
+    def __init__(self, layer: LsmtLayer) -> None:
+        self.layer = layer
+
+    def pread_data(self, byte_offset: int, length: int) -> bytes:
+        return self.layer.pread_data(byte_offset, length, tag=1)
+
+
+def open_any(item: str | os.PathLike[str] | TurboLayerSpec, *, verify_blocks: bool = True) -> LsmtLayer:
+    """A native layer blob by path, or a turbo layer by its TurboLayerSpec."""
+    if isinstance(item, TurboLayerSpec):
+        return open_turbo_layer(item, verify_blocks=verify_blocks)
+    return open_layer(item, verify_blocks=verify_blocks)
+
+
+class StackedReader:
+    """Layers bottom to top, merged once into a sorted extent map; serves pread() and materialize().
+
+    A layer is a native blob's path, a TurboLayerSpec, or an opened LsmtLayer (the caller closes it)."""
+
+    def __init__(self, layers: Sequence[str | os.PathLike[str] | TurboLayerSpec | LsmtLayer], *,
                  verify_blocks: bool = True) -> None:
         if not layers:
             raise FormatError("a stack needs at least one layer")
@@ -54,7 +78,7 @@ class StackedReader:
                 if isinstance(item, LsmtLayer):
                     self.layers.append(item)
                 else:
-                    layer = open_layer(item, verify_blocks=verify_blocks)
+                    layer = open_any(item, verify_blocks=verify_blocks)
                     self._owned.append(layer)
                     self.layers.append(layer)
             self._merge()
@@ -68,25 +92,34 @@ class StackedReader:
         total = sum(len(layer) for layer in self.layers)
         if total >= MAX_MERGED_INDEX_ENTRIES:
             raise FormatError(f"merged index of {total} entries exceeds {MAX_MERGED_INDEX_ENTRIES}")
+        for layer in self.layers:
+            if layer.warp and layer.remote is None and 1 in layer.tags:
+                raise FormatError(f"{layer.name}: turbo meta layer in a stack without its original layer")
+        # source 2*i + tag: layer i's own data (tag 0) and its original tar (tag 1) never coalesce
         pieces = resolve_extents(
             (o for layer in self.layers for o in layer.offsets),
             (n for layer in self.layers for n in layer.lengths),
             (m for layer in self.layers for m in layer.moffsets),
             (bool(z) for layer in self.layers for z in layer.zeroed),
             (i for i, layer in enumerate(self.layers) for _ in range(len(layer))),
-            (i for i, layer in enumerate(self.layers) for _ in range(len(layer))))
+            (2 * i + t for i, layer in enumerate(self.layers) for t in layer.tags))
         self._starts = array("Q", (p[0] for p in pieces))
         self._pieces = pieces
+        self._sources = [source for layer in self.layers for source in (layer, RemoteData(layer))]
 
-    def extents(self) -> Iterator[tuple[int, int, LsmtLayer | None, int]]:
-        """Mapped stretches as (byte offset, byte length, layer or None when zeroed, byte offset of the data
-        in that layer's LSMT blob), clipped to the virtual size, in LBA order."""
+    def _read(self, src: int, byte_offset: int, length: int) -> bytes:
+        return self.layers[src >> 1].pread_data(byte_offset, length, tag=src & 1)
+
+    def extents(self) -> Iterator[tuple[int, int, LsmtLayer | RemoteData | None, int]]:
+        """Mapped stretches as (byte offset, byte length, data source or None when zeroed, byte offset of
+        the data in it), clipped to the virtual size, in LBA order. The source is the layer (data in its
+        LSMT blob) or a turbo layer's RemoteData (data in its original tar); both have pread_data()."""
         for start, length, moff, zero, src in self._pieces:
             off = start * SECTOR
             n = min(length * SECTOR, self.virtual_size - off)
             if n <= 0:
                 break
-            yield off, n, None if zero else self.layers[src], moff * SECTOR
+            yield off, n, None if zero else self._sources[src], moff * SECTOR
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset % SECTOR or length % SECTOR or offset < 0 or length < 0:
@@ -112,7 +145,7 @@ class StackedReader:
             if zero:
                 parts.append(bytes(n * SECTOR))
             else:
-                parts.append(self.layers[src].pread_data((moff + lba - start) * SECTOR, n * SECTOR))
+                parts.append(self._read(src, (moff + lba - start) * SECTOR, n * SECTOR))
             lba += n
             i += 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
