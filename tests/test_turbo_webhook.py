@@ -27,7 +27,7 @@ TURBO_LAYER = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "dige
 
 def config_with(tmp_path: Path, rules: list[dict]) -> object:
     path = tmp_path / "webhook.yaml"
-    path.write_text(yaml.safe_dump({"rules": rules}))
+    path.write_text(yaml.safe_dump({"rules": rules, "registries": {"reg.example:5000": {}}}))
     return load_config(path, {})
 
 
