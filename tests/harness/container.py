@@ -58,14 +58,25 @@ def build_command(image: str, base_image: str, context: str = ".") -> list[str]:
             "--tag", image, context]
 
 
-def run_command(image: str, name: str, *, volume: str, env: Mapping[str, str] | None = None,
-                network_host: bool = False, publish: str | None = None, args: Sequence[str] = ()) -> list[str]:
+CONFIG_IN_CONTAINER = "/etc/obd-autoconvert/config.yml"
+
+
+def tar_command(rootfs: str, tarball: str) -> list[str]:
+    return ["tar", "-C", rootfs, "--numeric-owner", "--one-file-system", "-cf", tarball, "."]
+
+
+def run_command(image: str, name: str, *, volume: str, config: str | None = None,
+                env: Mapping[str, str] | None = None, network_host: bool = False, publish: str | None = None,
+                args: Sequence[str] = ()) -> list[str]:
+    """`podman run` of the service: `volume` at /data, `config` (a host file) as its configuration file."""
     argv = ["podman", "run", "--detach", "--name", name, *RUN_FLAGS, "--stop-timeout", str(STOP_TIMEOUT_SECONDS)]
     if network_host:
         argv += ["--network", "host"]
     if publish:
         argv += ["--publish", publish]
     argv += ["--volume", f"{volume}:/data"]
+    if config:
+        argv += ["--volume", f"{config}:{CONFIG_IN_CONTAINER}:ro", "--env", f"OBD_WEBHOOK_CONFIG={CONFIG_IN_CONTAINER}"]
     for key, value in (env or {}).items():
         argv += ["--env", f"{key}={value}"]
     return [*argv, image, *args]
@@ -106,8 +117,7 @@ def _debootstrap_tarball(partial: Path) -> None:
         for cached in (rootfs / "var/cache/apt/archives").glob("*.deb"):
             cached.unlink()
         shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
-        subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "--one-file-system", "-cf", str(partial), "."],
-                       check=True, timeout=300)
+        subprocess.run(tar_command(str(rootfs), str(partial)), check=True, timeout=300)
     finally:
         _remove_rootfs(rootfs)
 
