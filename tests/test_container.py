@@ -177,7 +177,8 @@ README = C.ROOT / "README.md"
 def readme_container_commands() -> list[list[str]]:
     text = README.read_text()
     section = text.split("## Run it in a container", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
+    (block,) = [b for b in blocks if "podman run" in b]
     commands = []
     for line in block.replace("\\\n", " ").splitlines():
         line = line.split("  #", 1)[0].strip()
