@@ -18,13 +18,15 @@ Every command is built by a function here so that the README's commands and the 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.harness.cache import cache_dir, cached_path, key_of
+from tests.harness.cache import cache_dir, cached_path, key_of, locked
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_SUITE = "bookworm"
@@ -150,16 +152,32 @@ def build_inputs_key(root: Path = ROOT) -> str:
 
 def build_image(root: Path = ROOT) -> tuple[str, str]:
     """Build the Dockerfile as the README says; returns (image, build log). The tag names the content, so
-    an unchanged tree reuses podman's layer cache and older test images are removed."""
+    an unchanged tree reuses podman's layer cache; what earlier test builds left is removed."""
     image = f"localhost/obd-autoconvert-test:{build_inputs_key(root)}"
     base = base_image()
-    result = subprocess.run(build_command(image, base), cwd=root, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
-        raise AssertionError(f"podman build failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
-                             f"{result.stderr[-3000:]}")
+    with locked("podman-test-images"):
+        result = subprocess.run(build_command(image, base), cwd=root, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            raise AssertionError(f"podman build failed ({result.returncode}):\n{result.stdout[-5000:]}\n"
+                                 f"{result.stderr[-3000:]}")
+        _remove_earlier_builds(image, re.findall(r"^--> (?:Using cache )?([0-9a-f]{11,64})$", result.stdout, re.M))
+    return image, result.stdout + result.stderr
+
+
+def _remove_earlier_builds(image: str, layer_ids: list[str]) -> None:
+    """Each build leaves a chain of untagged layer images (the build stage's too); a new content key makes
+    the previous chain garbage. The IDs our builds made are recorded in the cache, so only those are ever
+    removed, newest first (a parent goes once its children are gone); one still in use is kept for later."""
     listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/obd-autoconvert-test").stdout
     for older in listed.split():
         if older != image:
-            podman("rmi", older, check=False)  # in use by a running test elsewhere: kept
-    return image, result.stdout + result.stderr
-
+            podman("rmi", older, check=False)
+    record = cache_dir() / "podman-test-images.json"
+    current = list(dict.fromkeys(i[:11] for i in layer_ids))  # podman build prints 11 hex digits, or all 64
+    earlier = json.loads(record.read_text()) if record.exists() else []
+    kept = []
+    for layer in reversed([i for i in earlier if i not in current]):
+        if podman("image", "exists", layer, check=False).returncode == 0 and \
+                podman("rmi", layer, check=False).returncode != 0:
+            kept.append(layer)
+    record.write_text(json.dumps([*reversed(kept), *current]))
