@@ -181,3 +181,25 @@ def _remove_earlier_builds(image: str, layer_ids: list[str]) -> None:
                 podman("rmi", layer, check=False).returncode != 0:
             kept.append(layer)
     record.write_text(json.dumps([*reversed(kept), *current]))
+
+
+STANDINS = Path(__file__).resolve().parent / "standins"
+
+
+def standin_images() -> dict[str, str]:
+    """Local stand-ins for the compose example's `registry:2` and `redis:7` (Docker Hub is unreachable),
+    built from Debian's packages on the base image: {"registry": image, "redis": image}."""
+    base = base_image()
+    images = {}
+    for name in ("registry", "redis"):
+        containerfile = STANDINS / f"{name}.Containerfile"
+        image = f"localhost/obd-test-standin-{name}:{key_of(base, containerfile.read_text())}"
+        if not _image_exists(image):
+            result = subprocess.run(["podman", "build", "--isolation", "chroot", "--build-arg", f"BASE_IMAGE={base}",
+                                     "--tag", image, "--file", str(containerfile), str(STANDINS)],
+                                    capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                raise AssertionError(f"building the {name} stand-in failed:\n{result.stdout[-3000:]}\n"
+                                     f"{result.stderr[-2000:]}")
+        images[name] = image
+    return images
