@@ -8,7 +8,8 @@
 #
 # Without OBD_WEBHOOK_SECRETS a secret is generated on first start, stored in /data and printed once
 # (docker logs). Configuration: mount a YAML file and set OBD_WEBHOOK_CONFIG, or OBD_WEBHOOK_* variables
-# (docs/webhook.md). `docker run ... obd-autoconvert worker` runs conversion workers only.
+# (docs/webhook.md). `docker run --no-healthcheck ... obd-autoconvert worker` runs conversion workers only
+# (they serve no HTTP, so the HEALTHCHECK below does not apply to them).
 #
 # Stopping: SIGTERM lets running conversions finish for shutdown_grace_seconds (30 s) and `serve` kills
 # what is left 10 s later; docker's and podman's default stop timeout (10 s) would kill them first, so run

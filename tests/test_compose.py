@@ -25,6 +25,7 @@ import yaml
 
 from tests.harness import container as C
 from tests.harness.service_e2e import RegistryAddress, push_and_judge_conversion
+from tests.test_deploy_examples import compose_seconds
 from tests.test_webhook_support import wait_until
 
 COMPOSE_FILE = C.ROOT / "deploy" / "docker-compose.yml"
@@ -69,6 +70,11 @@ class ComposeProject:
             C.podman("volume", "rm", "--force", volume, check=False)
 
 
+def resolves(container: str, host: str) -> bool:
+    probe = f"import socket; socket.getaddrinfo({host!r}, 6379)"
+    return C.podman("exec", container, "python", "-c", probe, check=False).returncode == 0
+
+
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
@@ -104,8 +110,23 @@ def test_compose_example_converts_a_push_end_to_end(project: ComposeProject, tmp
         print(project.logs())
         raise
 
+    # The image's HEALTHCHECK passes on the front end; the workers (no HTTP) have it switched off.
+    webhook = f"{project.name}_webhook_1"
+    assert C.podman("healthcheck", "run", webhook, check=False).returncode == 0
+    for worker in (f"{project.name}_worker_1", f"{project.name}_worker_2"):
+        health = json.loads(C.podman("inspect", "--format", "{{json .Config.Healthcheck}}", worker).stdout)
+        assert health is None or health.get("Test") == ["NONE"], health
+
     # The front end and the workers stop on SIGTERM within their stop_grace_period, exit status 0.
-    project.compose("stop", "webhook", "worker")
+    # One at a time, each with the file's stop_grace_period (podman-compose does not make it the containers'
+    # stop timeout). A stopping worker tells Redis it is gone, looking `redis` up again; after a container
+    # of the network stops, Debian 12's aardvark-dns answers lookups only after a moment (seen here: workers
+    # stopped together or back to back failed "Temporary failure in name resolution"), so each next one is
+    # stopped once its lookups work.
+    grace = int(compose_seconds(yaml.safe_load(COMPOSE_FILE.read_text())["x-obd"]["stop_grace_period"]))
+    for name in (f"{project.name}_worker_1", f"{project.name}_worker_2", f"{project.name}_webhook_1"):
+        wait_until(lambda name=name: resolves(name, "redis"), timeout=60, interval=0.5, what=f"DNS in {name}")
+        C.podman("stop", "--time", str(grace), name, timeout=grace + 30)
     stopped = {name: c for name, c in project.containers().items() if "_webhook_" in name or "_worker_" in name}
     assert len(stopped) == 3
     assert {(c["State"], c["ExitCode"]) for c in stopped.values()} == {("exited", 0)}, project.logs()

@@ -30,6 +30,7 @@ from tests.harness.oci import build_layout, push_image
 from tests.harness.service_e2e import push_and_judge_conversion, registry_notifying, service_config
 from tests.registry_helpers import client_for
 from tests.test_pipeline_registry import VSIZE_GIB, app_image, layer_blobs, pull_and_judge
+from tests.test_webhook_redis import RedisServer
 from tests.test_webhook_support import SECRET, free_port, wait_until
 
 OWN_PACKAGES = {"converter", "webhook"}
@@ -254,3 +255,68 @@ def test_obd_convert_from_the_production_venv(venv: Path, tmp_path: Path, regist
     assert client.head_manifest("cli/app", "v1_obd").digest == out["target_digest"]
     pull_and_judge(client, "cli/app", out["target_digest"], layer_blobs(built, built.manifests[0]), tmp_path,
                    oci_types=False)
+
+
+# The moment a worker's shutdown could hang, made certain: the worker's pubsub thread has seen its
+# unsubscribe and sleeps until it is subscribed again (RQ passes 60 s) when the worker stops it.
+PUBSUB_STOP_PROBE = """
+import sys, threading, time
+from redis import Redis
+from rq import Queue, Worker
+connection = Redis.from_url(sys.argv[1])
+worker = Worker([Queue("probe", connection=connection)], connection=connection)
+worker.subscribe()
+worker.pubsub.unsubscribe()
+deadline = time.monotonic() + 10
+while worker.pubsub.subscribed and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # the thread is back in get_message, waiting for a subscription
+stopping = threading.Thread(target=worker.unsubscribe, daemon=True)
+stopping.start()
+stopping.join(10)
+print("stuck" if stopping.is_alive() else "stopped")
+"""
+
+
+def test_rq_worker_shutdown_does_not_wait_for_the_pubsub_threads_sleep(venv: Path, tmp_path: Path) -> None:
+    """With redis 8.2 and RQ 3.0, a worker's warm shutdown waited up to 60 s for its pubsub thread (in about
+    half the stops), past docker's and podman's stop timeouts: the declared versions must not."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", PUBSUB_STOP_PROBE, server.url], cwd=tmp_path,
+                                env=operator_env(venv, tmp_path / "home"), capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "stopped", "RQ worker shutdown blocked by the redis pubsub thread"
+
+
+def test_redis_workers_from_the_production_venv_exit_on_sigterm(venv: Path, tmp_path: Path) -> None:
+    """`obd-webhook worker` (queue: redis) as a container runs it: SIGTERM, warm shutdown, exit status 0."""
+    server = RedisServer(tmp_path / "redis").start()
+    workers = []
+    try:
+        env = operator_env(venv, tmp_path / "home", OBD_WEBHOOK_QUEUE="redis", OBD_WEBHOOK_REDIS_URL=server.url,
+                           OBD_WEBHOOK_DATA_DIR=str(tmp_path / "data"), OBD_WEBHOOK_SECRETS=SECRET,
+                           OBD_WEBHOOK_LOG_FORMAT="json")
+        for i in range(2):
+            log = tmp_path / f"worker-{i}.log"
+            with open(log, "wb") as out:
+                workers.append((subprocess.Popen([str(venv / "bin" / "obd-webhook"), "worker"], env=env, cwd=tmp_path,
+                                                 stdout=out, stderr=out, start_new_session=True), log))
+        for _proc, log in workers:
+            wait_until(lambda log=log: "Listening on" in log.read_text(), timeout=60, what=f"RQ worker ({log})")
+        for proc, _log in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc, log in workers:
+            try:
+                assert proc.wait(30) == 0, log.read_text()[-2000:]
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"worker still running 30 s after SIGTERM:\n{log.read_text()[-2000:]}") from None
+            assert all(json.loads(line) for line in log.read_text().splitlines() if line.strip())
+    finally:
+        for proc, _log in workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        server.stop()

@@ -11,9 +11,11 @@ copy (`--no-deps`), then `pip check` confirms the copy satisfies the new wheel's
 from __future__ import annotations
 
 import email.parser
+import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -65,9 +67,18 @@ def production_venv(wheel: Path, dest: Path) -> Path:
              "pip install of the wheel into a fresh venv")
 
     cached = cached_path(f"production-venv-{key}", create)
+    os.utime(cached)  # in use: see prune_unused
     shutil.copytree(cached, dest, symlinks=True)
+    prune_unused("production-venv-", keep=cached)
     python = str(dest / "bin" / "python")
     _run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(wheel)],
          "pip install --no-deps of the wheel")
     _run([python, "-m", "pip", "check"], "pip check")
     return dest
+
+
+def prune_unused(prefix: str, keep: Path, days: float = 7) -> None:
+    """Remove cache entries of an earlier dependency declaration that no test has used for `days`."""
+    for entry in keep.parent.glob(f"{prefix}*"):
+        if entry != keep and entry.is_dir() and time.time() - entry.stat().st_mtime > days * 86400:
+            shutil.rmtree(entry, ignore_errors=True)
