@@ -1,11 +1,20 @@
 # obd-autoconvert webhook service: `obd-webhook serve` (HTTP front end + conversion workers).
 #
 #   docker build -t obd-autoconvert .
-#   docker run -d -p 8080:8080 -v obd-data:/data -e OBD_WEBHOOK_SECRETS=<secret> obd-autoconvert
+#   docker run -d --stop-timeout 60 -p 8080:8080 -v obd-data:/data -e OBD_WEBHOOK_SECRETS=<secret> obd-autoconvert
+#
+# With podman, without Docker Hub (a debootstrapped base passed as PYTHON_IMAGE), and the flags some kernels
+# need: README.md, "Run it in a container" (tests/test_container.py runs exactly those commands).
 #
 # Without OBD_WEBHOOK_SECRETS a secret is generated on first start, stored in /data and printed once
 # (docker logs). Configuration: mount a YAML file and set OBD_WEBHOOK_CONFIG, or OBD_WEBHOOK_* variables
-# (docs/webhook.md). `docker run ... obd-autoconvert worker` runs conversion workers only.
+# (docs/webhook.md). `docker run --no-healthcheck ... obd-autoconvert worker` runs conversion workers only
+# (they serve no HTTP, so the HEALTHCHECK below does not apply to them).
+#
+# Stopping: SIGTERM lets running conversions finish for shutdown_grace_seconds (30 s) and `serve` kills
+# what is left 10 s later; docker's and podman's default stop timeout (10 s) would kill them first, so run
+# with `--stop-timeout 60` (compose: stop_grace_period: 60s; Kubernetes: terminationGracePeriodSeconds: 60).
+# A Dockerfile cannot set the stop timeout itself.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -10,7 +10,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum < pyproject.toml | cut -c1-12)
 
 RUN_DEBS := python3 python3-venv
-TEST_DEBS := $(RUN_DEBS) docker-registry skopeo umoci apache2-utils e2fsprogs redis-server chromium chromium-driver
+# podman, debootstrap, runc: tests/test_container.py builds and runs the Dockerfile (README "Run it in a container").
+TEST_DEBS := $(RUN_DEBS) docker-registry skopeo umoci apache2-utils e2fsprogs redis-server chromium chromium-driver \
+             podman debootstrap runc
 
 .PHONY: run test lint debs-run debs-test venv _debs
 

@@ -11,6 +11,7 @@ from webhook.gunicorn_settings import (  # noqa: F401  (gunicorn reads these mod
     errorlog,
     graceful_timeout,
     keepalive,
+    logger_class,
     loglevel,
     proc_name,
     threads,

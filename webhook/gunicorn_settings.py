@@ -7,6 +7,7 @@ repository's top-level `gunicorn.conf.py`, so `gunicorn -c gunicorn.conf.py` wor
 from __future__ import annotations
 
 from webhook.config import load_config
+from webhook.logs import wants_json
 
 _config = load_config()
 
@@ -24,6 +25,8 @@ graceful_timeout = 10
 keepalive = 5
 accesslog = None
 errorlog = "-"
+# With JSON logs, gunicorn's own lines are JSON too (webhook/gunicorn_logging.py).
+logger_class = "webhook.gunicorn_logging.JsonLogger" if wants_json(_config.log_format) else "gunicorn.glogging.Logger"
 loglevel = _config.log_level.lower()
 proc_name = "obd-webhook"
 # gunicorn >= 25 opens a control socket under $HOME by default; several instances would share it.

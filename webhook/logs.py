@@ -36,14 +36,20 @@ class ClipFilter(logging.Filter):
         return True
 
 
+def wants_json(log_format: str) -> bool:
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
+def json_formatter(cls: type[JsonFormatter] = JsonFormatter) -> JsonFormatter:
+    """The one JSON line format of the service (also used for gunicorn's lines, webhook/gunicorn_logging.py)."""
+    return cls("%(asctime)s %(levelname)s %(name)s %(message)s",
+               rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+
+
 def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    if use_json:
-        handler.setFormatter(JsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-        ))
+    if wants_json(log_format):
+        handler.setFormatter(json_formatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     handler.addFilter(ClipFilter())
