@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import mmap
 import os
 import signal
@@ -35,7 +36,8 @@ from .gzindex import CHUNK_BYTES, GzipIndexer, MultiMemberError
 from .zworkers import _child_env  # the same way of starting a `python -c` child
 
 SLOTS = 3
-PUMP_BYTES = 8 << 20  # pipe-mode input per read of the source stream
+PIPE_BYTES = 1 << 20
+PUMP_BYTES = 32 << 20  # pipe-mode input per read of the source stream
 
 _REPLY = struct.Struct("<BIQ")  # status, slot, length (chunk bytes, or payload bytes that follow)
 _CHUNK, _END, _ERROR, _MULTI = 0, 1, 2, 3
@@ -150,6 +152,8 @@ class GzipIndexStream:
         src_r = src_w = -1
         if fd is None:
             src_r, src_w = os.pipe()
+            with contextlib.suppress(OSError):  # F_SETPIPE_SZ: up to /proc/sys/fs/pipe-max-size (1 MiB)
+                fcntl.fcntl(src_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         self._region: mmap.mmap | None = None
         try:
             os.ftruncate(memfd, chunk_bytes * slots)
