@@ -35,7 +35,7 @@ from .registry import (
     RetryPolicy,
     parse_reference,
 )
-from .registry.reference import _HOST_RE, DIGEST_RE, MAX_REPOSITORY, REPOSITORY_RE, TAG_RE
+from .registry.reference import DIGEST_RE, HOST_RE, MAX_REPOSITORY, REPOSITORY_RE, TAG_RE
 from .shape import check_index, load_json_object
 
 OCI_REF_NAME = "org.opencontainers.image.ref.name"
@@ -109,7 +109,7 @@ def registry_location(registry: str, repository: str, *, tag: str | None = None,
     """A registry location from its parts, never from a parsed string: a single-label host such as
     `registry` (a compose or Kubernetes service) stays the registry instead of becoming a Docker Hub
     namespace, and nothing here can name an `oci:` layout. Each part must match the reference grammar."""
-    if not _HOST_RE.fullmatch(registry):
+    if not HOST_RE.fullmatch(registry):
         raise InvalidReferenceError(f"invalid registry host {registry[:200]!r} (expected host[:port])")
     if len(repository) > MAX_REPOSITORY or not REPOSITORY_RE.fullmatch(repository):
         raise InvalidReferenceError(f"invalid repository {repository[:300]!r}")

@@ -173,3 +173,11 @@ def test_bad_data_past_the_checks_is_still_a_permanent_image_error(tmp_path: Pat
     with pytest.raises(ImageError, match=r"malformed image data \(AttributeError: ") as err:
         convert(f"oci:{src}:v1", f"oci:{tmp_path / 'out'}:v1_obd", opts(tmp_path))
     assert not is_transient(err.value) and isinstance(err.value.__cause__, AttributeError)
+
+
+@pytest.mark.parametrize("error", [AttributeError("'list' object has no attribute 'get'"), TypeError("x"),
+                                   KeyError("layers"), IndexError("list index out of range"), ValueError("x")])
+def test_the_service_never_retries_errors_from_bad_data(error: Exception) -> None:
+    # issue 14 #11: an AttributeError from bad data used to count as transient (retried for hours)
+    assert not is_transient(error)
+    assert is_transient(ConnectionResetError("peer reset")), "network trouble stays worth retrying"

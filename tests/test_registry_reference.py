@@ -46,6 +46,7 @@ def test_parse_reference(text, registry, repository, tag, digest, api_host) -> N
     ("host:5000/app:bad tag", "invalid tag 'bad tag'"),
     ("host:5000/app@sha256:123", "invalid digest 'sha256:123'"),
     ("host:5000/app:" + "t" * 129, "invalid tag"),
+    ("host:5000/app:v\u00e9", "invalid tag"),  # the grammar's \w is ASCII
     ("host_x.com:5000/app", "invalid registry host 'host_x.com:5000'"),
 ])
 def test_parse_reference_errors_name_the_part(text, message) -> None:

@@ -26,14 +26,16 @@ class LeaseLost(TransientError):
 
 def is_transient(error: BaseException) -> bool:
     """True for failures worth retrying. Unknown exceptions count as transient: the attempt budget
-    bounds them, and a dead job with the message is worse than a late success."""
+    bounds them, and a dead job with the message is worse than a late success. Errors that come from the
+    data itself (a value, type, missing key or attribute: bad image data that slipped past the converter's
+    shape checks) fail the same way on every attempt, so they are permanent."""
     if isinstance(error, PermanentError):
         return False
     if isinstance(error, TransientError):
         return True
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return error.response.status_code in TRANSIENT_HTTP_STATUSES
-    return not isinstance(error, ValueError | TypeError | KeyError)
+    return not isinstance(error, ValueError | TypeError | LookupError | AttributeError)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 # The grammar of the distribution reference package (docker/distribution/reference/regexp.go).
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+# The distribution grammar's \w is ASCII (Go regexp): a Unicode letter is not a valid tag.
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DIGEST_RE = re.compile(r"(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
+HOST_RE = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
 MAX_REPOSITORY = 255
 
 
@@ -73,7 +74,7 @@ def parse_reference(text: str, *, default_registry: str = DOCKER_HUB) -> Referen
     first, sep, remainder = rest.partition("/")
     if sep and _looks_like_host(first):
         registry, path = first, remainder
-        if not _HOST_RE.fullmatch(registry):
+        if not HOST_RE.fullmatch(registry):
             raise InvalidReferenceError(f"invalid registry host {registry!r} in {text!r}")
     else:
         registry, path = default_registry, rest
