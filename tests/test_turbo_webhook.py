@@ -93,6 +93,8 @@ def test_a_push_becomes_a_native_and_a_turbo_image(tmp_path: Path, registry_fact
         client = client_for(registry)
         turbo = client.get_manifest("hook/app", "v1_turbo")
         assert job["target_tag"] == "v1_obd"  # one job publishes both images
+        assert job["result"]["target_digest"] == client.get_manifest("hook/app", "v1_obd").digest
+        assert job["result"]["turbo_digest"] == turbo.digest  # the job record names both results
         sources = [image.blobs[d["digest"]] for d in json.loads(image.manifests[0])["layers"]]
         judge_turbo(Blobs(tmp_path, client=client, repo="hook/app"), turbo.json(), sources, oci_types=False)
     finally:

@@ -3,6 +3,7 @@ workers on separate processes, lease expiry after kill -9, persistence across a 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -235,6 +236,23 @@ def test_permanent_failure_is_dead_and_retryable_in_redis_mode(redis_server: Red
         retried = requests.post(f"{service.url}/api/v1/conversions/{job['id']}/retry", headers=AUTH, timeout=5)
         assert retried.status_code == 200 and retried.json()["state"] == "queued"
         wait_until(lambda: [j["state"] for j in jobs(service)] == ["succeeded"], timeout=30, what="retried")
+    finally:
+        stop_all([worker])
+        service.stop()
+
+
+def test_a_job_publishing_both_outputs_records_both_digests_in_redis_mode(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    env = redis_env(redis_server, tmp_path / "r.jsonl", 0, OBD_WEBHOOK_RULES='[{"name": "both", "turbo_oci": true}]')
+    service = ServeProcess(tmp_path / "data", env, args=("--no-workers",)).start()
+    worker = worker_process(service)
+    try:
+        requests.post(service.url + "/hooks/distribution", headers=AUTH, timeout=5,
+                      data=envelope(distribution_event(repository="dual/app", tag="v1")))
+        (job,) = wait_until(lambda: [j for j in jobs(service) if j["state"] == "succeeded"], timeout=30,
+                            what="dual-output job succeeded")
+        assert job["target_tag"] == "v1_obd" and job["options"]["turbo_tag"] == "v1_turbo"
+        assert job["result"]["turbo_digest"] == "sha256:" + hashlib.sha256(b"v1_turbo").hexdigest()
     finally:
         stop_all([worker])
         service.stop()

@@ -126,6 +126,7 @@ def _to_job(job: RQJob, scheduled_at: float | None = None) -> Job:
         target_digest=meta.get("target_digest"),
         bytes_written=meta.get("bytes_written"), superseded_by=meta.get("superseded_by"),
         origin=meta.get("origin", "push"), action=meta.get("action", "convert"), priority=meta.get("priority", 0),
+        turbo_digest=meta.get("turbo_digest"),
     )
 
 
@@ -517,7 +518,7 @@ def run_conversion() -> dict[str, Any]:
     finished = time.time()
     log_entries[-1].update(finished_at=finished, outcome="succeeded")
     meta.update(target_digest=result.target_digest, bytes_written=result.bytes_written, last_error=None,
-                updated_at=finished)
+                updated_at=finished, turbo_digest=result.details.get("turbo_digest"))
     job.save_meta()
     _record_duration(redis, time.monotonic() - started)
     if result.bytes_written:

@@ -58,7 +58,7 @@ CHECKPOINT_INTERVAL_S = 1.0
 PENDING_STATES = (JobState.QUEUED.value, JobState.FAILED.value)
 # Columns added after the first release, with their definitions, for stores created before them.
 ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT 'push'", "priority": "INTEGER NOT NULL DEFAULT 0",
-                 "action": "TEXT NOT NULL DEFAULT 'convert'"}
+                 "action": "TEXT NOT NULL DEFAULT 'convert'", "turbo_digest": "TEXT"}
 # Lower runs first: live pushes and manual requests are always claimed before backfill jobs.
 ORIGIN_PRIORITY = {"push": 0, "manual": 0, "backfill": 10}
 ACTIONS = ("convert", "delete")
@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     superseded_by TEXT,
     origin TEXT NOT NULL DEFAULT 'push',
     priority INTEGER NOT NULL DEFAULT 0,
-    action TEXT NOT NULL DEFAULT 'convert'
+    action TEXT NOT NULL DEFAULT 'convert',
+    turbo_digest TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_image ON jobs(image_key, seq);
@@ -241,6 +242,7 @@ class Job(ImageRefs):
     origin: str = "push"
     action: str = "convert"
     priority: int = 0
+    turbo_digest: str | None = None  # the TurboOCI image of a job that publishes both outputs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -253,7 +255,8 @@ class Job(ImageRefs):
             "next_attempt_at": self.next_attempt_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "lease_owner": self.lease_owner,
             "lease_expires_at": self.lease_expires_at, "last_error": self.last_error,
-            "result": {"target_digest": self.target_digest, "bytes_written": self.bytes_written},
+            "result": {"target_digest": self.target_digest, "bytes_written": self.bytes_written,
+                       **({"turbo_digest": self.turbo_digest} if self.turbo_digest else {})},
             "superseded_by": self.superseded_by, "origin": self.origin, "action": self.action,
             "priority": self.priority,
         }
@@ -295,6 +298,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         last_error=clip(row["last_error"]) if row["last_error"] is not None else None,
         target_digest=row["target_digest"], bytes_written=row["bytes_written"],
         superseded_by=row["superseded_by"], origin=row["origin"], action=row["action"], priority=row["priority"],
+        turbo_digest=row["turbo_digest"],
     )
 
 
@@ -631,11 +635,11 @@ class JobStore:
             return cursor.rowcount == 1
 
     def succeed(self, job: Job, target_digest: str | None, bytes_written: int,
-                now: float | None = None) -> bool:
+                now: float | None = None, *, turbo_digest: str | None = None) -> bool:
         now = time.time() if now is None else now
         ok = self._finish(job, now, "succeeded", None,
                           "state = 'succeeded', finished_at = ?, target_digest = ?, bytes_written = ?, "
-                          "last_error = NULL", (now, target_digest, bytes_written))
+                          "turbo_digest = ?, last_error = NULL", (now, target_digest, bytes_written, turbo_digest))
         if ok and bytes_written:
             with self._tx() as conn:
                 self._bump(conn, "conversion_bytes", "", bytes_written)

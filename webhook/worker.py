@@ -118,7 +118,9 @@ class Worker:
             return
         finally:
             keeper.stopped.set()
-        if self.store.succeed(job, result.target_digest, result.bytes_written):
+        turbo_digest = result.details.get("turbo_digest")
+        if self.store.succeed(job, result.target_digest, result.bytes_written,
+                              turbo_digest=str(turbo_digest) if turbo_digest else None):
             counters = result.details.get("counters")
             if counters:
                 self.store.add_counters(counters)
