@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from .common import FormatError
 from .gzindex import CHUNK_BYTES, GzipIndexer, MultiMemberError
-from .zworkers import _child_env  # the same way of starting a `python -c` child
+from .zworkers import child_env, read_exact, write_all  # the same child start and pipe protocol helpers
 
 SLOTS = 3
 PIPE_BYTES = 1 << 20
@@ -42,23 +42,6 @@ PUMP_BYTES = 32 << 20  # pipe-mode input per read of the source stream
 _REPLY = struct.Struct("<BIQ")  # status, slot, length (chunk bytes, or payload bytes that follow)
 _CHUNK, _END, _ERROR, _MULTI = 0, 1, 2, 3
 _SLOT = struct.Struct("<I")
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    parts = []
-    while n:
-        part = os.read(fd, n)
-        if not part:
-            raise EOFError
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,16 +73,16 @@ def child_main(memfd: int, chunk_bytes: int, slots: int, requests: int, replies:
         while True:
             if not free:
                 try:
-                    free.append(_SLOT.unpack(_read_exact(requests, _SLOT.size))[0])
+                    free.append(_SLOT.unpack(read_exact(requests, _SLOT.size))[0])
                 except EOFError:
                     return  # the parent stopped reading
             slot = free.pop()
             n = indexer.read_into(base + slot * chunk_bytes, chunk_bytes)
             if n:
-                _write_all(replies, _REPLY.pack(_CHUNK, slot, n))
+                write_all(replies, _REPLY.pack(_CHUNK, slot, n))
                 continue
             meta = indexer.index_file()
-            _write_all(replies, _REPLY.pack(_END, 0, len(meta)) + meta)
+            write_all(replies, _REPLY.pack(_END, 0, len(meta)) + meta)
             return
     except MultiMemberError as exc:
         _report(replies, _MULTI, str(exc))
@@ -115,7 +98,7 @@ def child_main(memfd: int, chunk_bytes: int, slots: int, requests: int, replies:
 def _report(fd: int, status: int, message: str) -> None:
     payload = message.encode()
     with contextlib.suppress(OSError):
-        _write_all(fd, _REPLY.pack(status, 0, len(payload)) + payload)
+        write_all(fd, _REPLY.pack(status, 0, len(payload)) + payload)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,7 +147,7 @@ class GzipIndexStream:
                  "a = sys.argv[1:]; child_main(*map(int, a[:-1]), a[-1])",
                  str(memfd), str(chunk_bytes), str(slots), str(req_r), str(rep_w), str(source), str(offset), name],
                 pass_fds=(memfd, req_r, rep_w, source), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                close_fds=True, env=_child_env())
+                close_fds=True, env=child_env())
         except BaseException:
             for f in (self._requests, self._replies, src_w):
                 if f >= 0:
@@ -188,7 +171,7 @@ class GzipIndexStream:
                 data = raw.read(PUMP_BYTES)
                 if not data:
                     break
-                _write_all(fd, data)
+                write_all(fd, data)
         except BrokenPipeError:
             pass  # the child stopped (error or close); it reports why
         except BaseException as exc:
@@ -200,16 +183,16 @@ class GzipIndexStream:
         if self._ended:
             return b""
         try:
-            status, slot, n = _REPLY.unpack(_read_exact(self._replies, _REPLY.size))
+            status, slot, n = _REPLY.unpack(read_exact(self._replies, _REPLY.size))
             if status == _CHUNK:
                 start = slot * self._chunk
                 chunk = bytes(self._view[start:start + n])
                 # a child that has sent its last chunk exits without waiting for its slots: a closed pipe
                 # here is normal; a child that really died shows as EOF on the next reply
                 with contextlib.suppress(BrokenPipeError):
-                    _write_all(self._requests, _SLOT.pack(slot))
+                    write_all(self._requests, _SLOT.pack(slot))
                 return chunk
-            payload = _read_exact(self._replies, n)
+            payload = read_exact(self._replies, n)
         except EOFError:
             raise self._died() from None
         self._ended = True

@@ -18,7 +18,6 @@ holds one small record per call, never data.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from array import array
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from .common import SECTOR, BytesLike, FormatError
+from .layer import sha256_file
 from .lsmt import (
     HEADER_FLAGS_COMMITTED,
     HT_SPACE,
@@ -246,7 +246,7 @@ class MetaLayerWriter:
             except BaseException:
                 zf.abort()
                 raise
-            digest = _sha256_fd(out.fileno())
+            digest = sha256_file(out.fileno())
             size = os.fstat(out.fileno()).st_size
         finally:
             out.close()
@@ -275,12 +275,3 @@ class MetaLayerWriter:
             self.abort()
         elif not self._done:
             self.close()
-
-
-def _sha256_fd(fd: int) -> str:
-    h = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, 1 << 20, offset):
-        h.update(chunk)
-        offset += len(chunk)
-    return "sha256:" + h.hexdigest()

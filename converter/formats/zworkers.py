@@ -48,7 +48,8 @@ _REPLY = struct.Struct("<BI")  # status (0 ok, 1 error), payload length; payload
 _OK, _ERROR = 0, 1
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def read_exact(fd: int, n: int) -> bytes:
+    """Exactly `n` bytes from pipe `fd` (EOFError if it closes first)."""
     parts = []
     while n:
         part = os.read(fd, n)
@@ -59,7 +60,8 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` to pipe `fd`."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -79,7 +81,7 @@ def worker_main(memfd: int, size: int, requests: int, replies: int) -> None:
     try:
         while True:
             try:
-                request = _read_exact(requests, _REQUEST.size)
+                request = read_exact(requests, _REQUEST.size)
             except EOFError:
                 return  # the parent closed the pipe (finished, or died)
             in_off, n, out_off, block_size, algo, verify = _REQUEST.unpack(request)
@@ -89,7 +91,7 @@ def worker_main(memfd: int, size: int, requests: int, replies: int) -> None:
                 payload, status = lengths.tobytes(), _OK
             except Exception as exc:  # reported to the writer, which raises it
                 payload, status = f"{type(exc).__name__}: {exc}".encode(), _ERROR
-            _write_all(replies, _REPLY.pack(status, len(payload)) + payload)
+            write_all(replies, _REPLY.pack(status, len(payload)) + payload)
     finally:
         with contextlib.suppress(BufferError):  # a view of a failed batch may still be referenced
             region.close()
@@ -108,7 +110,7 @@ class _Worker:
                 [sys.executable, "-c", "import sys; from converter.formats.zworkers import worker_main; "
                  "worker_main(*map(int, sys.argv[1:]))", str(memfd), str(size), str(req_r), str(rep_w)],
                 pass_fds=(memfd, req_r, rep_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                close_fds=True, env=_child_env())
+                close_fds=True, env=child_env())
         except BaseException:
             os.close(self.requests)
             os.close(self.replies)
@@ -135,7 +137,7 @@ class _Worker:
         os.close(self.replies)
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The parent's environment, with the directory `converter` is imported from on PYTHONPATH (so a
     checkout that is not installed works too)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -189,7 +191,7 @@ class CompressWorkers:
         length = pos - base
         worker = min(self._workers, key=lambda w: w.outstanding)  # the least busy: batches differ in cost
         try:
-            _write_all(worker.requests, _REQUEST.pack(base, length, base + BATCH_BYTES, block_size, algo,
+            write_all(worker.requests, _REQUEST.pack(base, length, base + BATCH_BYTES, block_size, algo,
                                                       int(verify)))
         except BrokenPipeError:
             raise worker.died() from None
@@ -205,8 +207,8 @@ class CompressWorkers:
         lengths). The view is valid until the next submit()."""
         slot, worker = self._order.popleft()
         try:
-            status, length = _REPLY.unpack(_read_exact(worker.replies, _REPLY.size))
-            payload = _read_exact(worker.replies, length)
+            status, length = _REPLY.unpack(read_exact(worker.replies, _REPLY.size))
+            payload = read_exact(worker.replies, length)
         except EOFError:
             raise worker.died() from None
         worker.outstanding -= 1
