@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -305,3 +307,28 @@ def test_worker_prunes_finished_jobs_when_it_starts(store: JobStore) -> None:
     thread.join(5)
     with pytest.raises(JobNotFound):
         store.get(job_id)
+
+
+def _open_files_under(directory: Path) -> list[str]:
+    paths = (os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+             if os.path.exists(f"/proc/self/fd/{fd}"))
+    return [p for p in paths if p.startswith(str(directory))]
+
+
+class _SlowCloseInOtherThreads(sqlite3.Connection):
+    """A connection whose close() takes a while off the main thread: the checkpointer's, here."""
+
+    def close(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        super().close()
+
+
+def test_close_returns_after_the_checkpointer_closed_its_connection(tmp_path: Path, monkeypatch) -> None:
+    # A caller may delete the data directory right after close(): nothing of the store may still be open.
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, factory=_SlowCloseInOtherThreads, **kw))
+    store = JobStore(tmp_path / "db" / "jobs.db")
+    store.record([Intake(source="test", job=new_job())])
+    store.close()
+    assert _open_files_under(tmp_path / "db") == []

@@ -328,6 +328,8 @@ class JobStore:
         # inside a gevent-patched process (see _native).
         self._stop_lock: _thread.LockType = _native("_thread", "allocate_lock")()
         self._stop_lock.acquire()
+        self._checkpointer_done: _thread.LockType = _native("_thread", "allocate_lock")()  # released on exit
+        self._checkpointer_done.acquire()
         _native("_thread", "start_new_thread")(self._checkpoint_loop, ())
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -370,6 +372,7 @@ class JobStore:
                     log.exception("WAL checkpoint failed; will retry")
         finally:
             conn.close()
+            self._checkpointer_done.release()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -396,6 +399,9 @@ class JobStore:
         """Release the store (this thread's connection, the checkpointer, the lock file); do not use it
         afterwards."""
         self._stop_lock.release()
+        # Wait for the checkpointer to finish a checkpoint it is in and close its connection, so a caller
+        # may remove the data directory right after close() (bounded: a checkpoint never waits on writers).
+        self._checkpointer_done.acquire(timeout=max(5.0, self._busy_timeout_s))
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
