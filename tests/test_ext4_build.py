@@ -436,18 +436,9 @@ def test_same_image_twice_gives_identical_blocks() -> None:
 
 @pytest.mark.parametrize("version", ["gnu", "0.0", "0.1", "1.0"])
 def test_gnu_tar_sparse_formats(tmp_path: Path, version: str) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     size = 100 << 20
     pieces = {0: b"start", (50 << 20) + 77: b"middle", size - 3: b"end"}
-    with open(src / "sparse.img", "wb") as f:
-        f.truncate(size)
-        for offset, data in pieces.items():
-            f.seek(offset)
-            f.write(data)
-    fmt = ["--format=gnu"] if version == "gnu" else ["--format=posix", f"--sparse-version={version}"]
-    tar = subprocess.run(["tar", "--sparse", *fmt, "-C", str(src), "-cf", "-", "sparse.img"],
-                         capture_output=True, check=True).stdout  # fmt: skip
+    tar = L.gnu_tar_sparse(tmp_path / "src", "sparse.img", size, pieces, version)
     assert len(tar) < 1 << 20  # really stored sparse
     disk = tmp_path / "disk.raw"
     with RawDisk(disk, VSIZE) as raw:

@@ -167,18 +167,9 @@ def test_sparse_holes_inside_allocated_blocks_read_zero_over_stale_lower_data(tm
 
 @pytest.mark.parametrize("version", ["gnu", "0.0", "0.1", "1.0"])
 def test_gnu_tar_sparse_formats(tmp_path: Path, version: str) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
     size = 40 << 20
     pieces = {0: b"start", (20 << 20) + 77: b"middle", size - 3: b"end"}
-    with open(src / "sparse.img", "wb") as f:
-        f.truncate(size)
-        for offset, data in pieces.items():
-            f.seek(offset)
-            f.write(data)
-    fmt = ["--format=gnu"] if version == "gnu" else ["--format=posix", f"--sparse-version={version}"]
-    tar = subprocess.run(["tar", "--sparse", *fmt, "-C", str(src), "-cf", "-", "sparse.img"],
-                         capture_output=True, check=True).stdout
+    tar = L.gnu_tar_sparse(tmp_path / "src", "sparse.img", size, pieces, version)
     disk_path, _ = build_turbo(tmp_path, [tar], debugfs=False)
     dumped = tmp_path / "out.img"
     subprocess.run(["debugfs", "-R", f"dump /sparse.img {dumped}", str(disk_path)], capture_output=True, check=True)

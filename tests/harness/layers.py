@@ -11,9 +11,11 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import subprocess
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zstandard
 
@@ -238,6 +240,20 @@ def _sparse_regions(size: int, data_at: dict[int, bytes]) -> list[tuple[int, byt
         last_off, last = merged[-1]
         del last[size - last_off :]
     return [(off, bytes(data)) for off, data in merged]
+
+
+def gnu_tar_sparse(workdir: Path, name: str, size: int, pieces: dict[int, bytes], version: str) -> bytes:
+    """A tar made by GNU tar itself of a sparse file `name` (`size` bytes, `pieces` at their offsets, holes
+    elsewhere) in one of its sparse formats: "gnu" (old GNU 'S' headers) or PAX "0.0", "0.1", "1.0"."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / name, "wb") as f:
+        f.truncate(size)
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+    fmt = ["--format=gnu"] if version == "gnu" else ["--format=posix", f"--sparse-version={version}"]
+    return subprocess.run(["tar", "--sparse", *fmt, "-C", str(workdir), "-cf", "-", name],
+                          capture_output=True, check=True).stdout
 
 
 def sparse_file_tar(path: str, size: int, data_at: dict[int, bytes], *, mode: int = 0o644,
