@@ -80,3 +80,16 @@ def oci_image_builder(tmp_path: Path) -> Callable[..., oci.BuiltImage]:
 @pytest.fixture
 def push_image() -> Callable[..., str]:
     return oci.push_image
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Service environment for each queue backend (redis: a real redis-server for the test)."""
+    if request.param == "embedded":
+        yield {}
+        return
+    from tests.test_webhook_redis import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url}
+    server.stop()

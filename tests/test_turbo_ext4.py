@@ -24,6 +24,7 @@ from tests import ext4_judge as judge
 from tests.harness import layers as L
 from tests.harness.turbodisk import TurboRawDisk, apply_turbo, uncompressed
 from tests.test_ext4_build import DEBUGFS_FIELDS, REAL, VSIZE, needs_mount, needs_vectors, torture_layers
+from tests.test_ext4_build import RecordingSink as NativeRecordingSink
 
 TURBO_VECTORS = REAL.parent / "turbooci"
 
@@ -212,13 +213,8 @@ def test_kernel_reads_hardlinks_across_layers_and_whiteouts(tmp_path: Path) -> N
         assert (root / "usr/lib/through-symlink.so").read_bytes() == b"so"
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.h.update(offset.to_bytes(8, "little"))
-        self.h.update(data)
+class RecordingSink(NativeRecordingSink):
+    """The determinism tests' sink, recording tag-1 mappings too."""
 
     def map_remote(self, offset: int, length: int, tar_offset: int) -> None:
         self.h.update(b"map" + offset.to_bytes(8, "little") + length.to_bytes(8, "little")

@@ -33,7 +33,6 @@ from tests.lifecycle_helpers import (
     worker_for,
     write_config,
 )
-from tests.test_webhook_redis import RedisServer
 from tests.test_webhook_support import SECRET, ServeProcess, read_records, wait_until
 from webhook.app import create_app
 from webhook.backfill import BackfillRequest, run_backfill
@@ -272,15 +271,6 @@ def test_backfill_api_starts_in_background_and_validates(prefilled, tmp_path: Pa
     runs = http.get("/api/v1/backfill", headers=AUTH).get_json()["runs"]
     assert [r["id"] for r in runs] == [run_id]
 
-
-@pytest.fixture(params=["embedded", "redis"])
-def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    if request.param == "embedded":
-        yield {}
-        return
-    server = RedisServer(tmp_path / "redis").start()
-    yield {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url}
-    server.stop()
 
 
 def test_live_pushes_are_converted_before_the_remaining_backfill_jobs(registry_factory, tmp_path: Path,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from tests.harness.oci import Image, build_layout, push_image
 from tests.harness.registry import Endpoint
 from tests.registry_helpers import client_for
 from tests.test_pipeline_registry import VSIZE_GIB, app_image, layer_blobs, pull_and_judge
-from tests.test_webhook_redis import RedisServer
 from tests.test_webhook_support import (
     AUTH,
     SECRET,
@@ -72,16 +70,6 @@ def rules_file(tmp_path: Path) -> Path:
     path.write_text("rules:\n  - name: demo\n    repositories: ['demo/*']\n")
     return path
 
-
-@pytest.fixture(params=["embedded", "redis"])
-def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Service environment for each queue backend (redis: a real redis-server for the test)."""
-    if request.param == "embedded":
-        yield {}
-        return
-    server = RedisServer(tmp_path / "redis").start()
-    yield {"OBD_WEBHOOK_QUEUE": "redis", "OBD_WEBHOOK_REDIS_URL": server.url}
-    server.stop()
 
 
 def test_distribution_pushes_convert_exactly_the_expected_tags(tmp_path: Path, registry_factory,

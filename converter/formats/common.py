@@ -1,13 +1,17 @@
-"""Shared pieces of the format modules: the error type and the random-access view every reader stacks on."""
+"""Shared pieces of the format modules: the error type, the random-access view every reader stacks on, and the
+commit-or-abort context of the blob writers."""
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, TypeVar
 
 BytesLike = bytes | bytearray | memoryview
 
 SECTOR = 512
+
+_Writer = TypeVar("_Writer", bound="CommitOnExit")
 
 
 class FormatError(ValueError):
@@ -58,3 +62,26 @@ class FileView:
         if self._owns_fd and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+
+
+class CommitOnExit:
+    """Context manager of a blob writer: a clean exit commits (close()), an exception aborts (abort()).
+    The writer sets `_done` once it is closed or aborted."""
+
+    _done: bool
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.close()

@@ -14,9 +14,8 @@ import io
 import mmap
 import os
 from dataclasses import dataclass
-from types import TracebackType
 
-from .common import BytesLike, FormatError
+from .common import BytesLike, CommitOnExit, FormatError
 from .lsmt import HT_SPACE, LsmtWriter
 from .stack import open_layer
 from .tarwrap import WRAPPERS, tar_suffix
@@ -60,7 +59,7 @@ class _FullWriteFile(io.FileIO):
         return done
 
 
-class LayerBlobWriter:
+class LayerBlobWriter(CommitOnExit):
     """Writes one overlaybd layer blob (reference §6 steps 2-4) to `path`.
 
     write()/zero() take byte offsets and lengths that are multiples of 512; later writes win. close()
@@ -143,16 +142,6 @@ class LayerBlobWriter:
         self._file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def __enter__(self) -> LayerBlobWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._done:
-            self.close()  # a clean exit commits the blob; the result is in self.info
 
 
 def wrap_blob(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, wrapper: str = "ustar") -> BlobInfo:

@@ -23,9 +23,8 @@ import tempfile
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import TracebackType
 
-from .common import SECTOR, BytesLike, FormatError
+from .common import SECTOR, BytesLike, CommitOnExit, FormatError
 from .layer import sha256_file
 from .lsmt import (
     HEADER_FLAGS_COMMITTED,
@@ -81,7 +80,7 @@ def merge_raw_index(entries: Iterable[WarpEntry]) -> list[WarpEntry]:
     return out
 
 
-class MetaLayerWriter:
+class MetaLayerWriter(CommitOnExit):
     """Writes one turbo meta layer (`ext4.fs.meta`) to `path`; a BlockSink for the ext4 builder.
 
     write(offset, data) and zero(offset, length) take byte offsets and lengths that are multiples of 512
@@ -265,13 +264,3 @@ class MetaLayerWriter:
         self._spool.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def __enter__(self) -> MetaLayerWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._done:
-            self.close()
